@@ -1,0 +1,30 @@
+"""README.md's two set-up commands stay true: CI runs the test command verbatim, and the
+example the first command encodes is in the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _bash_blocks() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_cmd = _bash_blocks()[1]
+    assert "pytest" in test_cmd
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().strip().splitlines()
+    assert ci[-1].strip() == test_cmd
+
+
+def test_readme_example_command_uses_the_shipped_example():
+    run_cmd = _bash_blocks()[0]
+    assert "pip install torch==2.13.0" in run_cmd
+    for verb in ("sld encode examples/tiny-sine-adapter", "sld inspect", "sld decode"):
+        assert verb in run_cmd
+    assert os.path.isfile(os.path.join(ROOT, "examples", "tiny-sine-adapter", "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(ROOT, "examples", "tiny-sine-adapter", "adapter_config.json"))
