@@ -30,12 +30,15 @@ from .errors import (
     SldVersionError,
 )
 from .format import ModuleEntry, SldFile, TensorEntry
+from .patch import AppliedAdapter, apply
 
 __all__ = [
     "__version__",
     "encode",
     "decode",
     "load",
+    "apply",
+    "AppliedAdapter",
     "read_adapter",
     "Adapter",
     "AdapterModule",
