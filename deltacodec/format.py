@@ -215,6 +215,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) ->
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".sld-", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates 0600; the result should have the permissions open() would give it.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             if isinstance(data, (bytes, bytearray, memoryview)):
                 fh.write(data)
@@ -230,6 +232,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) ->
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

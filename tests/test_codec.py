@@ -173,6 +173,19 @@ def test_failed_encode_leaves_no_file_behind(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    # The temp file behind the atomic rename is created 0600; a shared .sld must not stay so.
+    make_adapter(tmp_path / "a")
+    old = os.umask(0o022)
+    try:
+        out = deltacodec.encode(str(tmp_path / "a"), out=str(tmp_path / "a.sld"))
+        written = deltacodec.decode(out, str(tmp_path / "dec"))
+    finally:
+        os.umask(old)
+    for p in [out, *written]:
+        assert os.stat(p).st_mode & 0o777 == 0o644, p
+
+
 def test_extras_are_kept_losslessly_in_their_dtype(tmp_path):
     rng = np.random.default_rng(1)
     d = tmp_path / "a"

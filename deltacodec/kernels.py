@@ -1,0 +1,696 @@
+"""Apply kernels: patch a base weight in place with a quantized (sine-)LoRA delta.
+
+An adapter module ships two quantized factors, A (r x in) and B (out x r), each as a
+:class:`PackedFactor` (a bit-packed index stream plus a codebook, or a plain fp16 tensor).
+The receiver adds the module's delta to the base weight ``W`` in place.
+
+The arithmetic, precisely (both backends implement this sequence; they may differ only in the
+summation order of the rank-r matmul and in the last bit of ``sin``)::
+
+    a, b   = dequantize(A), dequantize(B)            # exact fp32: codebook[index]
+    x      = b @ a                                   # fp32, accumulated in fp32, any order
+    omega' = float32(omega)
+    sine:   c = float32(scale / gamma)               # quotient in float64, rounded once to fp32
+            d = c * sin(fp32(omega' * x))            # every product rounded to fp32
+    plain:  c = float32(scale)
+            d = c * x
+    W     <- round_to(W.dtype, fp32(float32(W) + d)) # one fp32 sum, one rounding (RTNE)
+
+``W`` is ``(out, in)``; with ``fan_in_fan_out=True`` it is stored transposed, ``(in, out)``,
+and receives ``d.T``.  ``W`` may be float32, float16 or bfloat16.  ``c * s + w`` may be
+evaluated with one fused multiply-add (the torch backend's ``add_(alpha=c)`` may fuse it).
+
+Backends
+--------
+* :func:`delta_add_torch` -- reference backend: readable, runs on any device, and fast on CPU
+  (row-chunked, in place, one pre-allocated fp32 chunk buffer; no full-size temporaries).
+* :func:`delta_add_triton` -- one fused Triton kernel that reads the packed streams and codebooks
+  as stored, unpacks and dequantizes the factor tiles in registers, forms the rank-r product with
+  ``tl.dot`` and patches the ``W`` tile in place.  Runs on CUDA, and on CPU tensors under
+  ``TRITON_INTERPRET=1`` (that is how CI tests it).  Triton is an optional dependency: it is
+  imported only when this backend is first used.
+* :func:`select_backend` / :func:`delta_add` choose between them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from deltacodec.errors import ApplyError, SldFormatError
+
+__all__ = [
+    "PackedFactor",
+    "dequantize_torch",
+    "delta_coefficient",
+    "delta_add_torch",
+    "delta_add_triton",
+    "delta_add",
+    "triton_available",
+    "select_backend",
+    "rank_block",
+    "launch_specialisations",
+    "compile_for_gpu",
+    "W_DTYPES",
+    "FACTOR_WIDTHS",
+    "RANK_BLOCKS",
+]
+
+#: Weight dtypes the apply path supports.
+W_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+#: Kernel field widths: 1..8 are bit-packed index streams, 16 is a pass-through fp16 factor.
+FACTOR_WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+#: Rank is padded to one of these (a power of two >= 16, the smallest K tl.dot accepts); ranks
+#: above the largest are processed in several steps of that size.  No 64: with K = 64 the fp32
+#: FMA dot needs 255 registers per thread and spills on sm_80 for every tile shape tried, while
+#: two steps of 32 cost nothing measurable (64x64 tile, 8 warps: 80 registers on sm_80).
+RANK_BLOCKS: tuple[int, ...] = (16, 32)
+
+_ENV_BACKEND = "DELTACODEC_BACKEND"
+_BACKENDS = ("torch", "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Data layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors has no single truth value
+class PackedFactor:
+    """One quantized LoRA factor, in the file format's layout.
+
+    ``data``: for ``bits`` 1..8, a 1-D uint8 bit stream.  Element ``i`` (row-major over
+    ``shape``) occupies stream bits ``[i*width, (i+1)*width)``, LSB-first: stream bit ``j`` is
+    ``(data[j >> 3] >> (j & 7)) & 1`` and the element's index is ``sum_t bit(i*width + t) << t``.
+    Fields straddle bytes when ``width`` is 3, 5, 6 or 7.  ``len(data) == ceil(numel*width/8)``.
+    For ``bits == 16``: a float16 tensor of shape ``shape`` (pass-through, no codebook).
+
+    ``codebook``: float32, length ``2**bits`` (bits 1..8); ``None`` for 16.
+    ``width``: field width, ``bits <= width <= 8`` (ignored for 16).
+    ``shape``: logical ``(rows, cols)``; A is ``(r, in)``, B is ``(out, r)``.
+
+    The dequantized value of element ``i`` is ``codebook[index_i]``, exactly (fp32).
+    """
+
+    data: torch.Tensor
+    codebook: torch.Tensor | None
+    bits: int
+    width: int
+    shape: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return int(self.shape[0]) * int(self.shape[1])
+
+    @property
+    def kernel_width(self) -> int:
+        """The field width the kernel specialises on: ``width``, or 16 for a fp16 factor."""
+        return 16 if self.bits == 16 else int(self.width)
+
+
+def _check_factor(f: PackedFactor, name: str) -> None:
+    """Raise :class:`SldFormatError` unless ``f`` is a well-formed PackedFactor."""
+    shape = tuple(f.shape)
+    if len(shape) != 2 or any(int(n) < 1 for n in shape):
+        raise SldFormatError(f"factor {name}: shape must be two positive sizes, got {shape}")
+    numel = int(shape[0]) * int(shape[1])
+    if f.bits == 16:
+        if f.data.dtype != torch.float16 or tuple(f.data.shape) != shape:
+            raise SldFormatError(
+                f"factor {name}: bits=16 expects a float16 tensor of shape {shape}, "
+                f"got {f.data.dtype} {tuple(f.data.shape)}"
+            )
+        if f.codebook is not None:
+            raise SldFormatError(f"factor {name}: bits=16 has no codebook")
+        return
+    if not (isinstance(f.bits, int) and 1 <= f.bits <= 8):
+        raise SldFormatError(f"factor {name}: bits must be 1..8 or 16, got {f.bits!r}")
+    if not (isinstance(f.width, int) and f.bits <= f.width <= 8):
+        raise SldFormatError(f"factor {name}: width must be in {f.bits}..8, got {f.width!r}")
+    expected_len = (numel * f.width + 7) // 8
+    if f.data.dtype != torch.uint8 or f.data.dim() != 1 or f.data.numel() != expected_len:
+        raise SldFormatError(
+            f"factor {name}: expected a 1-D uint8 stream of {expected_len} bytes "
+            f"({numel} fields of {f.width} bits), got {f.data.dtype} {tuple(f.data.shape)}"
+        )
+    cb = f.codebook
+    if cb is None or cb.dtype != torch.float32 or cb.dim() != 1 or cb.numel() != 1 << f.bits:
+        got = None if cb is None else (cb.dtype, tuple(cb.shape))
+        raise SldFormatError(
+            f"factor {name}: expected a float32 codebook of {1 << f.bits} entries, got {got}"
+        )
+
+
+def _check_operands(
+    W: torch.Tensor, A: PackedFactor, B: PackedFactor, fan_in_fan_out: bool
+) -> tuple[int, int, int]:
+    """Validate W, A, B together; return (out_features, in_features, rank)."""
+    _check_factor(A, "A")
+    _check_factor(B, "B")
+    rank, in_features = (int(n) for n in A.shape)
+    out_features, rank_b = (int(n) for n in B.shape)
+    if rank_b != rank:
+        raise ApplyError(f"rank mismatch: A is {tuple(A.shape)} (r x in), B is {tuple(B.shape)} (out x r)")
+    if not isinstance(W, torch.Tensor) or W.dtype not in W_DTYPES:
+        got = W.dtype if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ApplyError(f"W must be a float32/float16/bfloat16 tensor, got {got}")
+    expected = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+    if tuple(W.shape) != expected:
+        layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
+        raise ApplyError(f"W has shape {tuple(W.shape)}, expected {expected} = {layout}")
+    return out_features, in_features, rank
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantization and the scalar coefficients
+# --------------------------------------------------------------------------------------------
+
+
+def _unpack_indices(data: torch.Tensor, numel: int, width: int) -> torch.Tensor:
+    """The ``numel`` fields of ``width`` bits of an LSB-first uint8 stream, as int64 indices."""
+    first_bit = torch.arange(numel, dtype=torch.int64, device=data.device) * width
+    byte = first_bit >> 3
+    shift = first_bit & 7
+    # A field starts at bit 0..7 of its byte and is at most 8 bits wide, so it lies inside the
+    # little-endian 16-bit word formed by its byte and the next one.  One zero byte is appended
+    # so that "the next byte" exists for the last field.
+    stream = torch.cat([data, data.new_zeros(1)]).to(torch.int64)
+    word = stream[byte] | (stream[byte + 1] << 8)
+    return (word >> shift) & ((1 << width) - 1)
+
+
+def dequantize_torch(f: PackedFactor, device: torch.device | str | None = None) -> torch.Tensor:
+    """The factor's values as a float32 tensor of shape ``f.shape`` (on ``device``, default the
+    device of ``f.data``).  Raises :class:`SldFormatError` for malformed factors, including a
+    stream holding an index >= ``2**bits`` (possible only when ``width > bits``)."""
+    _check_factor(f, "factor")
+    data = f.data if device is None else f.data.to(device)
+    if f.bits == 16:
+        return data.to(torch.float32)
+    index = _unpack_indices(data, f.numel, f.width)
+    if f.width > f.bits and bool((index >> f.bits).any()):
+        raise SldFormatError(
+            f"factor: index stream holds a value >= 2**bits = {1 << f.bits} "
+            f"(width {f.width}); the codebook has only {1 << f.bits} entries"
+        )
+    codebook = f.codebook.to(data.device)
+    return codebook[index].reshape(f.shape)
+
+
+def delta_coefficient(*, scale: float, gamma: float, sine: bool) -> float:
+    """The fp32 factor ``c`` of the delta: ``float32(scale / gamma)`` for sine-LoRA (quotient in
+    float64, rounded once to fp32), ``float32(scale)`` for plain LoRA.  Returned as the Python
+    float holding that fp32 value."""
+    if sine:
+        if not (math.isfinite(gamma) and gamma != 0.0):
+            raise ApplyError(f"gamma must be finite and non-zero, got {gamma!r}")
+        value = float(np.float32(float(scale) / float(gamma)))
+    else:
+        value = float(np.float32(scale))
+    if not math.isfinite(value):
+        raise ApplyError(f"the delta coefficient is not finite in fp32 (scale={scale!r}, gamma={gamma!r})")
+    return value
+
+
+def _omega32(omega: float) -> float:
+    value = float(np.float32(omega))
+    if not math.isfinite(value):
+        raise ApplyError(f"omega must be finite in fp32, got {omega!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Torch backend
+# --------------------------------------------------------------------------------------------
+
+#: Elements per chunk of the torch backend's fp32 buffer.  On CPU 1 Mi elements (4 MiB) keeps the
+#: matmul -> sin -> add passes of one chunk in cache; on GPUs larger chunks mean fewer launches.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
+@torch.no_grad()
+def delta_add_torch(
+    W: torch.Tensor,
+    A: PackedFactor,
+    B: PackedFactor,
+    *,
+    scale: float,
+    omega: float,
+    gamma: float,
+    sine: bool,
+    fan_in_fan_out: bool,
+    chunk_elements: int | None = None,
+) -> None:
+    """Reference backend: ``W += delta`` in place, on W's device (see the module docstring).
+
+    W is processed in chunks of whole rows.  Per chunk: ``matmul(..., out=buf)`` into one
+    pre-allocated fp32 buffer, ``buf.mul_(omega).sin_()`` (sine only), then the fp32 sum with W
+    and one rounding to W's dtype.  Peak extra memory is one chunk (``chunk_elements`` fp32
+    values) plus the dequantized factors, whatever the size of W.
+    """
+    _check_operands(W, A, B, fan_in_fan_out)
+    c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
+    omega32 = _omega32(omega) if sine else 1.0
+    if W.numel() == 0:
+        return
+    a = dequantize_torch(A, device=W.device)  # (r, in)
+    b = dequantize_torch(B, device=W.device)  # (out, r)
+    # Row i of W receives row i of left @ right.
+    if fan_in_fan_out:
+        left, right = a.t().contiguous(), b.t().contiguous()  # (in, r), (r, out)
+    else:
+        left, right = b, a  # (out, r), (r, in)
+
+    n_rows, n_cols = W.shape
+    if chunk_elements is None:
+        chunk_elements = _CHUNK_ELEMENTS.get(W.device.type, 1 << 20)
+    chunk_rows = max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
+    buf = torch.empty((chunk_rows, n_cols), dtype=torch.float32, device=W.device)
+    for r0 in range(0, n_rows, chunk_rows):
+        r1 = min(n_rows, r0 + chunk_rows)
+        d = buf[: r1 - r0]
+        torch.matmul(left[r0:r1], right, out=d)
+        if sine:
+            d.mul_(omega32).sin_()
+        w = W[r0:r1]
+        if W.dtype == torch.float32:
+            w.add_(d, alpha=c)
+        else:
+            torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
+            w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton backend
+# --------------------------------------------------------------------------------------------
+
+# Filled in by _triton_kernel() on first use.  The @triton.jit bodies look `tl` up in this
+# module's globals, and the interpreter (TRITON_INTERPRET=1) requires triton.language to be
+# visible there; importing triton at module import would make it a hard dependency.
+triton: Any = None
+tl: Any = None
+_load_factor_tile: Any = None
+_round_to_bfloat16: Any = None
+_sine_lora_delta_add_kernel: Any = None
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` works (the package is installed and loads)."""
+    return _import_triton() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton():
+    try:
+        import triton as triton_module  # noqa: PLC0415 - optional dependency, imported lazily
+        import triton.language  # noqa: F401, PLC0415
+    except Exception:  # ImportError, or a broken install failing while it loads
+        return None
+    return triton_module
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _loaded_for_interpreter() -> bool:
+    """Whether triton.language was imported with the interpreter on: its jit functions are bound
+    then, and ones bound for the compiler fail inside an interpreted kernel."""
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel():
+    """Import triton and define the kernel (once).  Raises ApplyError without triton."""
+    # The helpers and the kernel are bound as module globals (`global` below): the interpreter
+    # re-creates a jit function from its source against the module's globals, so a helper kept
+    # as a closure variable would not be found there.
+    global triton, tl, _load_factor_tile, _round_to_bfloat16, _sine_lora_delta_add_kernel
+    triton_module = _import_triton()
+    if triton_module is None:
+        raise ApplyError("the triton backend needs the optional dependency triton (pip install triton)")
+    triton, tl = triton_module, triton_module.language
+
+    @triton.jit
+    def _load_factor_tile(data_ptr, codebook_ptr, index, mask, WIDTH: tl.constexpr):
+        """fp32 values of the factor elements ``index`` (int64 tile; 0.0 where ~mask)."""
+        if WIDTH == 16:  # pass-through fp16 factor
+            value = tl.load(data_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        else:
+            first_bit = index * WIDTH
+            byte = first_bit >> 3
+            shift = (first_bit & 7).to(tl.int32)
+            word = tl.load(data_ptr + byte, mask=mask, other=0).to(tl.int32)
+            if 8 % WIDTH != 0:  # widths 3, 5, 6, 7: a field may continue into the next byte
+                straddles = mask & (shift + WIDTH > 8)
+                high = tl.load(data_ptr + byte + 1, mask=straddles, other=0).to(tl.int32)
+                word = word | (high << 8)
+            code = (word >> shift) & ((1 << WIDTH) - 1)
+            value = tl.load(codebook_ptr + code, mask=mask, other=0.0)
+        return value
+
+    @triton.jit
+    def _round_to_bfloat16(x):
+        """fp32 -> bf16, round to nearest even, on the bit pattern.  Triton's interpreter
+        truncates in .to(tl.bfloat16) while GPUs round; doing it by hand gives RTNE on both."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x != x, 0x7FC00000, bits)  # NaN -> quiet NaN (the add below keeps it NaN)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _sine_lora_delta_add_kernel(
+        w_ptr,  # W, row-major with unit column stride: (out, in), or (in, out) if FAN_IN_FAN_OUT
+        n_rows,  # rows of W
+        n_cols,  # columns of W
+        stride_w_row,
+        a_data_ptr,  # A (r x in): uint8 stream, or fp16 values if A_WIDTH == 16
+        a_codebook_ptr,  # fp32, 2**A_WIDTH entries (unused if A_WIDTH == 16)
+        b_data_ptr,  # B (out x r), likewise
+        b_codebook_ptr,
+        rank,
+        omega,  # fp32
+        c,  # fp32
+        A_WIDTH: tl.constexpr,
+        B_WIDTH: tl.constexpr,
+        SINE: tl.constexpr,
+        FAN_IN_FAN_OUT: tl.constexpr,
+        BLOCK_R: tl.constexpr,  # rank padding: power of two >= 16
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        col_ok = cols < n_cols
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+
+        # x[i, j] = sum_k left[i, k] * right[k, j] over the tile of W.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, rank, BLOCK_R):
+            ks = k0 + tl.arange(0, BLOCK_R)
+            k_ok = ks < rank
+            ks64 = ks.to(tl.int64)
+            left_mask = row_ok[:, None] & k_ok[None, :]
+            right_mask = k_ok[:, None] & col_ok[None, :]
+            if FAN_IN_FAN_OUT:
+                # W is (in, out) and receives (B @ A).T = A.T @ B.T:
+                # left[i, k] = A[k, i] (index k*in + i), right[k, j] = B[j, k] (index j*r + k).
+                left = _load_factor_tile(
+                    a_data_ptr, a_codebook_ptr, ks64[None, :] * n_rows + rows64[:, None], left_mask, A_WIDTH
+                )
+                right = _load_factor_tile(
+                    b_data_ptr, b_codebook_ptr, cols64[None, :] * rank + ks64[:, None], right_mask, B_WIDTH
+                )
+            else:
+                # W is (out, in): left[i, k] = B[i, k] (index i*r + k), right[k, j] = A[k, j].
+                left = _load_factor_tile(
+                    b_data_ptr, b_codebook_ptr, rows64[:, None] * rank + ks64[None, :], left_mask, B_WIDTH
+                )
+                right = _load_factor_tile(
+                    a_data_ptr, a_codebook_ptr, ks64[:, None] * n_cols + cols64[None, :], right_mask, A_WIDTH
+                )
+            # "ieee": true fp32 products.  The tf32 default would perturb x by ~1e-3 relative,
+            # which sin(omega * x) amplifies by omega.
+            acc = tl.dot(left, right, acc, input_precision="ieee")
+
+        if SINE:
+            delta = tl.sin(acc * omega) * c
+        else:
+            delta = acc * c
+
+        w_ptrs = w_ptr + rows64[:, None] * stride_w_row + cols64[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        total = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + delta
+        if w_ptr.dtype.element_ty == tl.bfloat16:
+            out = _round_to_bfloat16(total)
+        else:
+            out = total.to(w_ptr.dtype.element_ty)  # fp32: as is; fp16: round to nearest even
+        tl.store(w_ptrs, out, mask=mask)
+
+    return _sine_lora_delta_add_kernel
+
+
+def rank_block(rank: int) -> int:
+    """The kernel's rank padding for ``rank``: the smallest power of two >= max(rank, 16), capped
+    at 32 (larger ranks loop over steps of 32)."""
+    if rank < 1:
+        raise ApplyError(f"rank must be >= 1, got {rank}")
+    return min(RANK_BLOCKS[-1], max(RANK_BLOCKS[0], 1 << (rank - 1).bit_length()))
+
+
+# Tile sizes.  In the interpreter every program instance costs ~0.2-0.7 ms of Python, so tiles
+# are large.  On GPUs: 64x64 tiles over 8 warps (16 outputs per thread) compile to 66-112
+# registers without spills on sm_80/sm_90 for both rank paddings (ptxas, via compile_for_gpu),
+# and give ~4000 programs for a 4096x4096 module.  Not timed on hardware.
+_GPU_TILE = dict(block_m=64, block_n=64, num_warps=8)
+_INTERPRETER_TILE = dict(block_m=64, block_n=64, num_warps=4)
+
+
+def _kernel_codebook(f: PackedFactor, device: torch.device) -> torch.Tensor:
+    """The codebook as the kernel reads it: 2**width fp32 entries.
+
+    The kernel extracts ``width``-bit fields, so it could index up to 2**width - 1.  When
+    ``width > bits`` the codebook is padded with NaN: no read can leave the buffer, and a corrupt
+    stream (impossible after the container's CRC check) poisons W visibly instead of silently.
+    """
+    if f.bits == 16:
+        return torch.zeros(1, dtype=torch.float32, device=device)  # placeholder, never read
+    codebook = f.codebook.to(device=device, dtype=torch.float32)
+    if f.width > f.bits:
+        pad = torch.full(((1 << f.width) - (1 << f.bits),), float("nan"), device=device)
+        codebook = torch.cat([codebook, pad])
+    return codebook.contiguous()
+
+
+def _factor_stream(f: PackedFactor, device: torch.device) -> torch.Tensor:
+    return f.data.to(device).contiguous()
+
+
+@torch.no_grad()
+def delta_add_triton(
+    W: torch.Tensor,
+    A: PackedFactor,
+    B: PackedFactor,
+    *,
+    scale: float,
+    omega: float,
+    gamma: float,
+    sine: bool,
+    fan_in_fan_out: bool,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Fused Triton backend: same contract as :func:`delta_add_torch`.
+
+    One kernel launch; each program patches one ``block_m x block_n`` tile of W.  The packed
+    streams and codebooks are copied to W's device as stored (a few hundred KiB); dequantized
+    factors and the delta never exist in global memory.  W must be on a CUDA device, or on the
+    CPU with ``TRITON_INTERPRET=1`` set before triton is first imported.
+    """
+    _, _, rank = _check_operands(W, A, B, fan_in_fan_out)
+    c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
+    omega32 = _omega32(omega) if sine else 1.0
+    if W.device.type != "cuda" and not _interpreting():
+        raise ApplyError(
+            f"the triton backend needs W on a CUDA device (got {W.device}); "
+            "set TRITON_INTERPRET=1 to run it on CPU tensors"
+        )
+    kernel = _triton_kernel()
+    if _interpreting() and not _loaded_for_interpreter():
+        raise ApplyError(
+            "TRITON_INTERPRET=1 was set after triton had been imported (transformers and peft "
+            "import it too): set it in the environment before the first import"
+        )
+    tile = dict(_INTERPRETER_TILE if _interpreting() else _GPU_TILE)
+    tile.update({k: v for k, v in dict(block_m=block_m, block_n=block_n, num_warps=num_warps).items() if v})
+    for key in ("block_m", "block_n"):
+        v = tile[key]
+        if v < 16 or v & (v - 1):
+            raise ApplyError(f"{key} must be a power of two >= 16, got {v}")
+    if W.numel() == 0:
+        return
+
+    target = W if W.stride(-1) == 1 else W.contiguous()  # the kernel assumes unit column stride
+    n_rows, n_cols = target.shape
+    grid = (triton.cdiv(n_rows, tile["block_m"]), triton.cdiv(n_cols, tile["block_n"]))
+    kernel[grid](
+        target,
+        n_rows,
+        n_cols,
+        target.stride(0),
+        _factor_stream(A, W.device),
+        _kernel_codebook(A, W.device),
+        _factor_stream(B, W.device),
+        _kernel_codebook(B, W.device),
+        rank,
+        omega32,
+        c,
+        A_WIDTH=A.kernel_width,
+        B_WIDTH=B.kernel_width,
+        SINE=bool(sine),
+        FAN_IN_FAN_OUT=bool(fan_in_fan_out),
+        BLOCK_R=rank_block(rank),
+        BLOCK_M=tile["block_m"],
+        BLOCK_N=tile["block_n"],
+        num_warps=tile["num_warps"],
+        # Every product rounded as written (no mul+add contraction): the result does not depend
+        # on the compiler's choice, and Triton 3.9 warns when this is left implicit.
+        enable_fp_fusion=False,
+    )
+    if target is not W:
+        W.copy_(target)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------
+
+
+def select_backend(W: torch.Tensor, backend: str = "auto") -> str:
+    """Which backend patches ``W``: ``"torch"`` or ``"triton"``.
+
+    An explicit ``backend`` ("torch"/"triton") is used as given.  For ``"auto"`` the environment
+    variable ``DELTACODEC_BACKEND`` ("torch"/"triton"/"auto"), when set, decides; otherwise
+    triton is chosen for CUDA weights when triton imports, torch for everything else.
+    Asking for triton where it cannot run raises :class:`ApplyError`.
+    """
+    choice = (backend or "auto").strip().lower()
+    if choice == "auto":
+        choice = os.environ.get(_ENV_BACKEND, "").strip().lower() or "auto"
+    if choice == "auto":
+        return "triton" if W.device.type == "cuda" and triton_available() else "torch"
+    if choice not in _BACKENDS:
+        raise ApplyError(f"unknown backend {choice!r}: expected 'auto', 'torch' or 'triton' (check {_ENV_BACKEND})")
+    if choice == "triton":
+        if not triton_available():
+            raise ApplyError("backend 'triton' requested but triton is not installed")
+        if W.device.type != "cuda" and not _interpreting():
+            raise ApplyError(f"backend 'triton' requested for a weight on {W.device}; it needs CUDA (or TRITON_INTERPRET=1)")
+    return choice
+
+
+def delta_add(
+    W: torch.Tensor,
+    A: PackedFactor,
+    B: PackedFactor,
+    *,
+    scale: float,
+    omega: float,
+    gamma: float,
+    sine: bool,
+    fan_in_fan_out: bool,
+    backend: str = "auto",
+) -> str:
+    """Patch ``W`` in place with the backend :func:`select_backend` picks; returns its name."""
+    name = select_backend(W, backend)
+    apply = delta_add_triton if name == "triton" else delta_add_torch
+    apply(W, A, B, scale=scale, omega=omega, gamma=gamma, sine=sine, fan_in_fan_out=fan_in_fan_out)
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed: the triton wheel ships ptxas)
+# --------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def launch_specialisations() -> Iterator[dict]:
+    """Every constexpr/dtype combination :func:`delta_add_triton` can launch (tile sizes aside):
+    A and B field widths (1..8, 16 = fp16) x W dtype x rank padding x sine x fan_in_fan_out."""
+    for a_width in FACTOR_WIDTHS:
+        for b_width in FACTOR_WIDTHS:
+            for w_dtype in W_DTYPES:
+                for block_r in RANK_BLOCKS:
+                    for sine in (False, True):
+                        for fan_in_fan_out in (False, True):
+                            yield dict(
+                                a_width=a_width,
+                                b_width=b_width,
+                                w_dtype=w_dtype,
+                                block_r=block_r,
+                                sine=sine,
+                                fan_in_fan_out=fan_in_fan_out,
+                            )
+
+
+def compile_for_gpu(
+    arch: int,
+    *,
+    a_width: int,
+    b_width: int,
+    w_dtype: torch.dtype,
+    block_r: int,
+    sine: bool,
+    fan_in_fan_out: bool,
+    block_m: int = _GPU_TILE["block_m"],
+    block_n: int = _GPU_TILE["block_n"],
+    num_warps: int = _GPU_TILE["num_warps"],
+    aligned: bool = True,
+):
+    """Compile the kernel for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90, ...)
+    without a GPU; returns triton's ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``,
+    ``.metadata``).
+
+    The signature mirrors what the JIT builds for a launch of :func:`delta_add_triton` on
+    16-byte aligned tensors: pointers, and with ``aligned`` also ``n_cols`` and ``stride_w_row``
+    (as for LLaMA shapes), carry the divisible-by-16 hint.  (The JIT further turns an int
+    argument equal to 1 -- rank 1, a one-row W -- into a constant; that only simplifies
+    arithmetic and is not enumerated here.)  Must run without ``TRITON_INTERPRET``.
+    """
+    if _interpreting():
+        raise ApplyError("compile_for_gpu needs TRITON_INTERPRET unset (the interpreter does not compile)")
+    if a_width not in FACTOR_WIDTHS or b_width not in FACTOR_WIDTHS:
+        raise ApplyError(f"widths must be in {FACTOR_WIDTHS}, got {a_width}, {b_width}")
+    if w_dtype not in W_DTYPES or block_r not in RANK_BLOCKS:
+        raise ApplyError(f"unsupported w_dtype {w_dtype} or block_r {block_r}")
+    kernel = _triton_kernel()
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+
+    def stream(width: int) -> str:
+        return "*fp16" if width == 16 else "*u8"
+
+    signature = {
+        "w_ptr": "*" + _TRITON_DTYPE_NAMES[w_dtype],
+        "n_rows": "i32",
+        "n_cols": "i32",
+        "stride_w_row": "i32",
+        "a_data_ptr": stream(a_width),
+        "a_codebook_ptr": "*fp32",
+        "b_data_ptr": stream(b_width),
+        "b_codebook_ptr": "*fp32",
+        "rank": "i32",
+        "omega": "fp32",
+        "c": "fp32",
+    }
+    constexprs = {
+        "A_WIDTH": a_width,
+        "B_WIDTH": b_width,
+        "SINE": bool(sine),
+        "FAN_IN_FAN_OUT": bool(fan_in_fan_out),
+        "BLOCK_R": block_r,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+    }
+    signature.update({name: "constexpr" for name in constexprs})
+    hinted = [name for name, ty in signature.items() if ty.startswith("*")]
+    if aligned:
+        hinted += ["n_cols", "stride_w_row"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in hinted}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(
+        source,
+        target=GPUTarget("cuda", int(arch), 32),
+        options={"num_warps": num_warps, "enable_fp_fusion": False},
+    )
