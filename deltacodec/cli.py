@@ -167,7 +167,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sld",
-        description="Encode, decode and inspect .sld files: quantized (sine-activated) LoRA adapters.",
+        description="Encode, decode, inspect, analyse and apply .sld files: quantized (sine-activated) LoRA adapters.",
     )
     p.add_argument("--version", action="version", version=f"sld (deltacodec) {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
@@ -198,19 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_cmd_inspect)
 
-    try:
-        from .cli_analysis import add_bd_parser, add_stats_parser
-    except ImportError:  # pragma: no cover - analysis verbs ship with the package
-        pass
-    else:
-        add_bd_parser(sub)
-        add_stats_parser(sub)
-    try:
-        from .cli_apply import add_apply_parser
-    except ImportError:
-        pass
-    else:
-        add_apply_parser(sub)
+    from .cli_analysis import add_bd_parser, add_stats_parser
+    from .cli_apply import add_apply_parser
+
+    add_bd_parser(sub)
+    add_stats_parser(sub)
+    add_apply_parser(sub)
     return p
 
 

@@ -32,6 +32,15 @@ def write(tmp_path, data: bytes, name: str = "f.sld"):
     return str(p)
 
 
+def rebuild_with_metadata(data: bytes, metadata: dict) -> bytes:
+    """The same file with its header's metadata replaced (sections untouched)."""
+    (hlen,) = struct.unpack_from("<I", data, 12)
+    header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data[20:20 + hlen]), raw=False)
+    header["metadata"] = metadata
+    raw = zstandard.ZstdCompressor().compress(msgpack.packb(header, use_bin_type=True))
+    return header_bytes_file(raw, data[20 + hlen:])
+
+
 def open_all(path: str) -> None:
     """Open and decode every tensor (what a full decode does)."""
     f = SldFile(path)
@@ -49,7 +58,17 @@ def test_valid_simple_file_decodes_to_codebook_at_indices(tmp_path):
     np.testing.assert_array_equal(B, (cb * np.float32(0.125))[info["b_idx"]].reshape(3, 2))
 
 
-test_decode_is_codebook_at_indices = test_valid_simple_file_decodes_to_codebook_at_indices
+
+def test_metadata_is_not_needed_to_decode(tmp_path):
+    # metadata is informational: any content, or none, decodes to the same tensors.
+    data, info = simple_file()
+    base = load(write(tmp_path, data))
+    m = lora_module()
+    odd = {"encoder": 7, "method": None, "adapter_config": {"nested": [1, 2.5, b"x"]}, "x": {}}
+    for metadata in ({}, odd):
+        f = SldFile(write(tmp_path, rebuild_with_metadata(data, metadata), "meta.sld"))
+        for got, want in zip(f.dequantize(m["name"]), base.dequantize(m["name"])):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_reader_rejects_bad_magic(tmp_path):
