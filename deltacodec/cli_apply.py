@@ -91,7 +91,7 @@ def apply_checkpoint(base: str, sld_path: str, out: str, *, progress=None, force
     from safetensors.torch import save_file
 
     from . import kernels
-    from .format import SldFile
+    from .format import SldFile, _umask
     from .patch import packed_factor
 
     base_abs, out_abs = os.path.realpath(base), os.path.realpath(out)
@@ -109,6 +109,7 @@ def apply_checkpoint(base: str, sld_path: str, out: str, *, progress=None, force
     parent = os.path.dirname(out_abs)
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".sld-apply-", dir=parent)
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; OUT gets what mkdir would give it
     written = []
     try:
         for i, shard in enumerate(shards):

@@ -242,6 +242,9 @@ def test_sld_apply_patches_a_sharded_checkpoint(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(base_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     from_disk = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
     in_memory = tiny_llama()
     deltacodec.apply(in_memory, sld)
