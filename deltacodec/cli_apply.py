@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
+
 from .errors import ApplyError
 
 __all__ = ["apply_checkpoint", "add_apply_parser"]
@@ -50,10 +52,14 @@ def _shards(base: str) -> tuple[list[str], list[str]]:
 
 
 def _plan(shards: list[str], f) -> dict[str, list[tuple[Any, str]]]:
-    """shard -> [(module entry, tensor key)], checked against every shard's header."""
+    """shard -> [(module or tensor entry, tensor key)], checked against every shard's header.
+
+    A module entry adds its delta to the key's weight; a tensor entry (stored losslessly, e.g.
+    PEFT's modules_to_save) replaces the key's tensor.
+    """
     from safetensors import safe_open
 
-    from .patch import _candidates
+    from .patch import _candidates, unusable_reason
 
     where: dict[str, tuple[str, list[int], str]] = {}
     for s in shards:
@@ -76,6 +82,16 @@ def _plan(shards: list[str], f) -> dict[str, list[tuple[Any, str]]]:
             problems.append(f"{e.name}: '{key}' has dtype {dtype}, expected F32, F16 or BF16")
         else:
             plan[shard].append((e, key))
+    for t in f.tensors:
+        key = next((c for c in _candidates(t.name) if c in where), None)
+        if key is None:
+            problems.append(f"{t.name}: {unusable_reason(t.name)}")
+            continue
+        shard, shape, dtype = where[key]
+        if shape != list(t.shape) or dtype not in ("F64", "F32", "F16", "BF16"):
+            problems.append(f"{t.name}: '{key}' is {dtype} {shape}, the file holds {list(t.shape)}")
+        else:
+            plan[shard].append((t, key))
     if problems:
         raise ApplyError(
             f"{f.path}: does not fit the checkpoint ({len(problems)} problem(s)): " + "; ".join(problems[:10])
@@ -91,7 +107,7 @@ def apply_checkpoint(base: str, sld_path: str, out: str, *, progress=None, force
     from safetensors.torch import save_file
 
     from . import kernels
-    from .format import SldFile, _umask
+    from .format import SldFile, TensorEntry, _umask
     from .patch import packed_factor
 
     base_abs, out_abs = os.path.realpath(base), os.path.realpath(out)
@@ -121,6 +137,9 @@ def apply_checkpoint(base: str, sld_path: str, out: str, *, progress=None, force
             with torch.no_grad():
                 for e, key in plan[shard]:
                     W = tensors[key]
+                    if isinstance(e, TensorEntry):
+                        W.copy_(torch.from_numpy(np.ascontiguousarray(f.tensor(e))))
+                        continue
                     kernels.delta_add(
                         W, packed_factor(f, e.A, W.device), packed_factor(f, e.B, W.device),
                         scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,

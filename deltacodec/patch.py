@@ -12,6 +12,7 @@ whole patch bit-exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from .format import ModuleEntry, SldFile, TensorEntry
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["apply", "AppliedAdapter", "resolve_targets", "packed_factor"]
+__all__ = ["apply", "AppliedAdapter", "resolve_targets", "resolve_extras", "packed_factor"]
 
 _PEFT_PREFIX = "base_model.model."
 _WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
@@ -45,6 +46,50 @@ class _Target:
     entry: ModuleEntry
     module_name: str
     weight: "torch.Tensor"
+
+
+@dataclass
+class _Replacement:
+    """A losslessly stored tensor that takes the place of a model tensor (PEFT modules_to_save)."""
+
+    entry: TensorEntry
+    name: str
+    tensor: "torch.Tensor"
+
+
+def unusable_reason(name: str) -> str:
+    """Why apply cannot use a stored extra tensor that matches no model tensor."""
+    if name.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in name:
+        return "a DoRA magnitude vector (DoRA is not supported by apply)"
+    if ".lora_B.bias" in name or ".lora_A.bias" in name:
+        return "a LoRA bias (lora_bias=True is not supported by apply)"
+    return "no model tensor of that name"
+
+
+def resolve_extras(model: "torch.nn.Module", f: SldFile) -> tuple[list[_Replacement], list[str]]:
+    """Map the file's losslessly stored tensors onto ``model``: (replacements, problems).
+
+    A stored tensor whose name (with or without PEFT's prefix) is a parameter or buffer of the
+    model with the same shape replaces it: that is how PEFT saves ``modules_to_save``. Anything
+    else (DoRA magnitudes, LoRA biases) cannot be applied as a weight update and is a problem.
+    """
+    import torch
+
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    found: list[_Replacement] = []
+    problems: list[str] = []
+    for e in f.tensors:
+        hit = next((c for c in _candidates(e.name) if c in named), None)
+        if hit is None:
+            problems.append(f"{e.name}: {unusable_reason(e.name)}")
+            continue
+        t = named[hit]
+        if tuple(t.shape) != tuple(e.shape) or not t.dtype.is_floating_point:
+            problems.append(f"{e.name}: '{hit}' is {t.dtype} {list(t.shape)}, the file holds {list(e.shape)}")
+            continue
+        found.append(_Replacement(e, hit, t))
+    return found, problems
 
 
 def resolve_targets(model: "torch.nn.Module", f: SldFile) -> tuple[list[_Target], list[str], list[str]]:
@@ -162,6 +207,9 @@ def apply(
     weights, torch otherwise; the DELTACODEC_BACKEND environment variable overrides), "torch" or
     "triton".
 
+    Tensors the file stores losslessly replace the model tensor of the same name and shape (PEFT's
+    ``modules_to_save``); DoRA magnitudes and LoRA biases cannot be applied and count as mismatched.
+
     ``strict=True``: every module in the file must exist in the model with a matching 2-D weight;
     one :class:`ApplyError` lists everything missing or mismatched before any weight is touched.
     ``strict=False``: patch what matches; the handle's ``missing``/``unexpected`` say the rest
@@ -178,43 +226,53 @@ def apply(
 
     f = source if isinstance(source, SldFile) else SldFile(source)
     targets, missing, mismatched = resolve_targets(model, f)
-    if strict and (missing or mismatched):
+    replacements, unusable = resolve_extras(model, f)
+    if strict and (missing or mismatched or unusable):
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing from the model: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
         if mismatched:
             parts.append(f"{len(mismatched)} mismatched: " + "; ".join(mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
+        if unusable:
+            parts.append(f"{len(unusable)} stored tensor(s) not applicable: " + "; ".join(unusable[:10]) + (" ..." if len(unusable) > 10 else ""))
         raise ApplyError(f"{f.path}: cannot apply (strict): " + " | ".join(parts) + "; no weight was changed")
     for t in targets:  # one backend check for all, before any weight changes
         kernels.select_backend(t.weight, backend)
 
-    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     backends: dict[str, str] = {}
+
+    def add_delta(t: _Target) -> None:
+        e = t.entry
+        backends[e.name] = kernels.delta_add(
+            t.weight, packed_factor(f, e.A, t.weight.device), packed_factor(f, e.B, t.weight.device),
+            scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,
+            sine=e.sine, fan_in_fan_out=e.fan_in_fan_out, backend=backend,
+        )
+
+    def replace(r: _Replacement) -> None:
+        r.tensor.copy_(torch.from_numpy(np.ascontiguousarray(f.tensor(r.entry))))
+
+    jobs = [(t.weight, t.entry.name, functools.partial(add_delta, t)) for t in targets]
+    jobs += [(r.tensor, r.entry.name, functools.partial(replace, r)) for r in replacements]
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     done: list[str] = []
     with torch.no_grad():
-        for t in targets:
-            e = t.entry
+        for tensor, name, run in jobs:
             try:
-                originals.append((t.weight, t.weight.detach().clone()))
-                A = packed_factor(f, e.A, t.weight.device)
-                B = packed_factor(f, e.B, t.weight.device)
-                backends[e.name] = kernels.delta_add(
-                    t.weight, A, B,
-                    scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,
-                    sine=e.sine, fan_in_fan_out=e.fan_in_fan_out, backend=backend,
-                )
-                done.append(e.name)
+                originals.append((tensor, tensor.detach().clone()))
+                run()
+                done.append(name)
             except BaseException as exc:
                 for w, orig in originals:
                     w.copy_(orig)
-                msg = (
-                    f"{f.path}: applying module '{e.name}' failed ({type(exc).__name__}: {exc}); "
-                    f"rolled back {len(done)} patched module(s): the model is unchanged"
-                )
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                raise ApplyError(msg) from exc
-    handle = AppliedAdapter(done, missing, [m.split(":")[0] for m in mismatched], backends)
+                raise ApplyError(
+                    f"{f.path}: applying '{name}' failed ({type(exc).__name__}: {exc}); rolled back "
+                    f"{len(done)} patched tensor(s): the model is unchanged"
+                ) from exc
+    unexpected = [m.split(":")[0] for m in mismatched + unusable]
+    handle = AppliedAdapter(done, missing, unexpected, backends)
     if keep_original:
         handle._originals = originals
     return handle

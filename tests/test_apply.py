@@ -218,7 +218,7 @@ def test_failure_midway_rolls_back_every_patched_module(tmp_path, monkeypatch):
         return real(W, *a, **kw)
 
     monkeypatch.setattr(kernels, "delta_add", flaky)
-    with pytest.raises(ApplyError, match="rolled back 2 patched module"):
+    with pytest.raises(ApplyError, match="rolled back 2 patched tensor"):
         deltacodec.apply(model, sld)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -261,3 +261,70 @@ def test_sld_apply_patches_a_sharded_checkpoint(tmp_path):
     assert res.returncode == 1 and "nothing was written" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out2").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".sld-apply-")]
+
+
+def test_modules_to_save_replace_the_model_tensor(tmp_path):
+    model = tiny_llama()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                   modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    pm.save_pretrained(str(tmp_path / "a"))
+    sld = deltacodec.encode(str(tmp_path / "a"), bits=16, out=str(tmp_path / "a.sld"))
+    merged = pm.merge_and_unload().eval()
+    fresh = tiny_llama()
+    before = snapshot(fresh)
+    h = deltacodec.apply(fresh, sld)
+    assert "base_model.model.lm_head.weight" in h.patched
+    # lm_head is stored losslessly (float32), so it is copied exactly
+    assert torch.equal(fresh.lm_head.weight, merged.lm_head.weight)
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        # q_proj's factors went through float16 (bits=16): ~1e-3 relative on ΔW, far below 1e-4
+        # of the logits' scale after the residual stream dilutes it.
+        got, want = fresh(x).logits, merged(x).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    h.remove()
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_dora_magnitudes_are_refused_in_strict_mode_and_reported_otherwise(tmp_path):
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    pm.save_pretrained(str(tmp_path / "d"))
+    sld = deltacodec.encode(str(tmp_path / "d"), bits=8, out=str(tmp_path / "d.sld"))
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ApplyError, match="DoRA magnitude vector") as exc:
+        deltacodec.apply(model, sld)
+    assert "no weight was changed" in str(exc.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    missing, unexpected = deltacodec.apply(model, sld, strict=False)
+    assert missing == [] and len(unexpected) == 2 and all(u.endswith("lora_magnitude_vector") for u in unexpected)
+
+
+def test_sld_apply_replaces_modules_to_save_and_refuses_dora(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                           modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    pm.save_pretrained(str(tmp_path / "a"))
+    sld = deltacodec.encode(str(tmp_path / "a"), bits=8, out=str(tmp_path / "a.sld"))
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_llama().state_dict().items()}, str(base))
+    cli = [sys.executable, "-m", "deltacodec.cli", "apply", "-q"]
+    res = subprocess.run(cli + [str(base), sld, "-o", str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    in_memory = tiny_llama()
+    deltacodec.apply(in_memory, sld)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(out[k], v) for k, v in in_memory.state_dict().items())
+    assert torch.equal(out["lm_head.weight"], pm.base_model.model.lm_head.modules_to_save["default"].weight)
+
+    dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(str(tmp_path / "d"))
+    dsld = deltacodec.encode(str(tmp_path / "d"), bits=8, out=str(tmp_path / "d.sld"))
+    res = subprocess.run(cli + [str(base), dsld, "-o", str(tmp_path / "out2.safetensors")], capture_output=True, text=True)
+    assert res.returncode == 1 and "DoRA magnitude vector" in res.stderr and "nothing was written" in res.stderr
+    assert not (tmp_path / "out2.safetensors").exists()
