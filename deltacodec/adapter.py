@@ -122,19 +122,24 @@ def _load_tensors(path: str) -> tuple[dict[str, tuple[np.ndarray, str]], dict[st
     return out, meta
 
 
+def _read_config(cfg_path: str) -> dict[str, Any] | None:
+    """adapter_config.json as a dict, or None when there is none."""
+    if not os.path.isfile(cfg_path):
+        return None
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{cfg_path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    return config
+
+
 def _resolve_files(src: str) -> tuple[str, dict[str, Any] | None, str]:
     """(weights file, config or None, description) for a directory or a single file."""
     if os.path.isdir(src):
-        cfg_path = os.path.join(src, "adapter_config.json")
-        config = None
-        if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as fh:
-                    config = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise AdapterError(f"{cfg_path}: not valid JSON: {exc}") from None
-            if not isinstance(config, dict):
-                raise AdapterError(f"{cfg_path}: expected a JSON object")
+        config = _read_config(os.path.join(src, "adapter_config.json"))
         for fname in ("adapter_model.safetensors", "adapter_model.bin"):
             p = os.path.join(src, fname)
             if os.path.isfile(p):
@@ -143,12 +148,7 @@ def _resolve_files(src: str) -> tuple[str, dict[str, Any] | None, str]:
     if os.path.isfile(src):
         if not (src.endswith(".safetensors") or src.endswith(".bin")):
             raise AdapterError(f"{src}: expected a PEFT adapter directory, a .safetensors or a .bin file")
-        cfg_path = os.path.join(os.path.dirname(os.path.abspath(src)), "adapter_config.json")
-        config = None
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as fh:
-                config = json.load(fh)
-        return src, config, src
+        return src, _read_config(os.path.join(os.path.dirname(os.path.abspath(src)), "adapter_config.json")), src
     raise AdapterError(f"{src}: no such file or directory")
 
 
