@@ -42,6 +42,7 @@ __all__ = [
     "stable_rank",
     "sine_product",
     "module_stats",
+    "relative_weight_error",
     "read_points_csv",
     "bd_table",
     "plot_rd",
@@ -315,6 +316,29 @@ def _frob_lowrank(B, A) -> float:
     torch = _torch()
     val = float(torch.trace((B.T.to(torch.float64) @ B.to(torch.float64)) @ (A.to(torch.float64) @ A.T.to(torch.float64))))
     return math.sqrt(max(val, 0.0))
+
+
+def relative_weight_error(A: Any, B: Any, A_q: Any, B_q: Any, *, omega: float | None, sine: bool) -> float:
+    """``||dW_q - dW||_F / ||dW||_F`` of one module (scale and gamma cancel).
+
+    ``A``/``A_q`` are ``(r, in)``, ``B``/``B_q`` ``(out, r)``. Plain LoRA is computed exactly in
+    float64 from the factors without forming ``out x in`` products; SineLoRA forms the two sine
+    matrices in float32. 0.0 when both updates are zero, ``inf`` when only the reference is.
+    """
+    full = _factors((B, A), "(B, A)")
+    quant = _factors((B_q, A_q), "(B_q, A_q)")
+    if sine:
+        S = _sine_tensor(full[0], full[1], omega)
+        ref = math.sqrt(_fro2(S))
+        Sq = _sine_tensor(quant[0], quant[1], omega)
+        Sq.sub_(S)
+        diff = math.sqrt(_fro2(Sq))
+    else:
+        ref = _frob_lowrank(*full)
+        diff = _frob_diff_lowrank(full[0], full[1], quant[0], quant[1])
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / ref
 
 
 def module_stats(

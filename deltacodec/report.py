@@ -12,17 +12,15 @@ __all__ = ["weight_errors", "weight_error_report"]
 
 def weight_errors(src, sld_path, **overrides) -> list[tuple[str, float, float]]:
     """Per module: (name, ‖ΔW_q − ΔW‖_F / ‖ΔW‖_F, bits per parameter of its two sections)."""
+    from .analysis import relative_weight_error
+
     adapter = read_adapter(src, **overrides)
     f = SldFile(sld_path)
     rows = []
     for m in adapter.modules:
         e = f.module(m.name)
         Aq, Bq = f.dequantize(m.name)
-        ref = m.delta()
-        p = Bq.astype(np.float64) @ Aq.astype(np.float64)
-        q = e.scale * (np.sin(e.omega * p) / e.gamma if e.sine else p)
-        denom = float(np.linalg.norm(ref))
-        rel = float(np.linalg.norm(q - ref)) / denom if denom > 0 else float(np.linalg.norm(q))
+        rel = relative_weight_error(m.A, m.B, Aq, Bq, omega=e.omega, sine=e.sine)
         rows.append((m.name, rel, 8.0 * f.nbytes_module(m.name) / (m.A.size + m.B.size)))
     return rows
 

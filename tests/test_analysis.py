@@ -594,3 +594,24 @@ def test_cli_stats_subprocess_with_injected_fake_reader(tmp_path):
 
 def test_cli_stats_missing_file_subprocess_is_one_line_error(tmp_path):
     assert_one_line_error(sld("stats", str(tmp_path / "x.sld")), "stats", "no such file")
+
+
+@pytest.mark.parametrize("sine", [False, True])
+def test_relative_weight_error_matches_a_float64_computation(sine):
+    from deltacodec.analysis import relative_weight_error
+
+    rng = np.random.default_rng(5)
+    A, B = lora_factors(rng, 96, 80, 4)
+    A_q = A + rng.normal(0, 1e-3, A.shape).astype(np.float32)
+    B_q = B + rng.normal(0, 1e-3, B.shape).astype(np.float32)
+    omega = 300.0
+
+    def dw(b, a):
+        p = b.astype(np.float64) @ a.astype(np.float64)
+        return np.sin(omega * p) if sine else p
+
+    want = np.linalg.norm(dw(B_q, A_q) - dw(B, A)) / np.linalg.norm(dw(B, A))
+    got = relative_weight_error(A, B, A_q, B_q, omega=omega if sine else None, sine=sine)
+    # float32 sine matrices: each entry carries ~omega * 1e-7 absolute error, ~1e-4 of the difference
+    assert got == pytest.approx(want, rel=1e-3 if sine else 1e-9)
+    assert relative_weight_error(A, B, A, B, omega=omega, sine=sine) == 0.0
