@@ -1,0 +1,53 @@
+"""benchmarks/rd_experiment.py --quick runs end to end and writes its RD points in `sld bd` format.
+
+Checks the pipeline and the shape of its output, not its numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bjontegaard")
+pytest.importorskip("matplotlib")
+
+from deltacodec.analysis import read_points_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_RANKS = ("2", "8")
+QUICK_BITS = ("2", "3", "16")
+METHODS = ("LoRA", "SineLoRA")
+
+
+def test_quick_run_writes_every_rd_point(tmp_path):
+    out = tmp_path / "rd"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rd_experiment.py", "--quick", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    by_bits = read_points_csv(out / "rd_bits.csv")
+    keys = [(p.method, p.group) for p in by_bits]
+    # group = bit width: one point per rank; group fp32: the unquantized adapters, one per rank
+    for m in METHODS:
+        for g in QUICK_BITS + ("fp32",):
+            assert keys.count((m, g)) == len(QUICK_RANKS), (m, g, keys)
+    assert len(by_bits) == len(METHODS) * len(QUICK_RANKS) * (len(QUICK_BITS) + 1)
+    assert all(p.rate > 0 for p in by_bits)
+
+    by_rank = read_points_csv(out / "rd_ranks.csv")
+    keys = [(p.method, p.group) for p in by_rank]
+    for m in METHODS:
+        for g in QUICK_RANKS:
+            assert keys.count((m, g)) == len(QUICK_BITS), (m, g, keys)
+    assert len(by_rank) == len(METHODS) * len(QUICK_RANKS) * len(QUICK_BITS)
+
+    for name in ("measurements.json", "measurements.csv", "bd_bits.csv", "bd_ranks.csv", "rd_bits.png",
+                 "rd_ranks.png", "sld_bd_cli.json"):
+        assert (out / name).is_file(), name
