@@ -43,17 +43,39 @@ def _raw_section(values: np.ndarray, dtype: str) -> bytes:
     return np.ascontiguousarray(values, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype]).tobytes()
 
 
+def _f16_factor(values: np.ndarray, level: int) -> dict[str, Any]:
+    section, comp = compress(_raw_section(values, "F16"), level)
+    return {"shape": values.shape, "encoding": "raw", "dtype": "F16", "compression": comp, "section": section}
+
+
 def _factor(values: np.ndarray, name: str, bits: int, quantizer: str, level: int) -> dict[str, Any]:
-    """One module factor as a section dict for :func:`build_container`."""
+    """One module factor as a section dict for :func:`build_container`.
+
+    A codebook costs 2·2^bits bytes whatever the tensor's size, so a small tensor (a rank-1 lora_A
+    of a narrow layer, any tensor at 7-8 bits with a few hundred values) can be cheaper as float16.
+    It is then stored as raw F16 when that is no larger and, in SSE, either no less accurate than
+    the codebook or within float16's own precision (each value off by at most 2^-11 of itself).
+    The second clause keeps float16 for a 64-value tensor at 8 bits whose codebook holds every
+    value exactly up to the same rounding; the first keeps the codebook for values so small that
+    float16 is subnormal and loses relative precision.
+    """
+    peak = float(np.max(np.abs(values)))
     if bits == PASSTHROUGH_BITS:
-        peak = float(np.max(np.abs(values)))
         if peak > _F16_MAX:
             raise EncodeError(f"tensor '{name}': |value| up to {peak:g} does not fit float16 (--bits 16)")
-        section, comp = compress(_raw_section(values, "F16"), level)
-        return {"shape": values.shape, "encoding": "raw", "dtype": "F16", "compression": comp, "section": section}
+        return _f16_factor(values, level)
     q = quantize(values, bits, quantizer)
     width = default_width(bits, entropy_coded=level > 0)
     section, comp = compress(pack_indices(q.indices, width).tobytes(), level)
+    coded_bytes = len(section) + len(q.codebook_f16)
+    if 2 * values.size <= coded_bytes and peak <= _F16_MAX:
+        raw = _f16_factor(values, level)
+        x = values.astype(np.float64).reshape(-1)
+        sse_f16 = float(np.sum((values.astype(np.float16).astype(np.float64).reshape(-1) - x) ** 2))
+        sse_cb = float(np.sum((q.codebook.astype(np.float64)[q.indices] - x) ** 2))
+        sse_normal = float(np.sum((x * 2.0**-11) ** 2))
+        if len(raw["section"]) <= coded_bytes and sse_f16 <= max(sse_cb, sse_normal):
+            return raw
     return {
         "shape": values.shape,
         "encoding": "codebook",

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 import deltacodec
-from deltacodec import AdapterError, EncodeError, SldFile
+from deltacodec import Adapter, AdapterError, AdapterModule, EncodeError, SldFile
 from deltacodec.quantize import quantize
 
 
@@ -42,7 +42,7 @@ def make_adapter(path, *, config=None, tensors=None, rank=4, seed=0, fmt="safete
 @pytest.mark.parametrize("level", [0, 1])
 def test_decode_equals_codebook_at_indices_of_the_quantizer(tmp_path, bits, level):
     src = tmp_path / "a"
-    tensors = make_adapter(src)
+    tensors = make_adapter(src, rank=32)  # >= 1024 values a tensor: the codebook form is the smaller
     out = deltacodec.encode(str(src), bits=bits, out=str(tmp_path / "a.sld"), level=level)
     f = deltacodec.load(out)
     for m in f.modules:
@@ -52,6 +52,29 @@ def test_decode_equals_codebook_at_indices_of_the_quantizer(tmp_path, bits, leve
             np.testing.assert_array_equal(got.reshape(-1), q.codebook[q.indices])
             e = f._lookup(key)
             assert e.bits == bits and e.width == (bits if level == 0 else [1, 2, 4, 4, 8, 8, 8, 8][bits - 1])
+
+
+def test_tensors_smaller_than_their_codebook_are_stored_as_float16(tmp_path):
+    src = tmp_path / "a"
+    tensors = make_adapter(src, rank=1)  # A: 1x48 and 1x64 values, B: 32x1 and 48x1
+    f = deltacodec.load(deltacodec.encode(str(src), bits=8, out=str(tmp_path / "a.sld")))
+    for e in (t for m in f.modules for t in (m.A, m.B)):
+        # a 256-entry codebook (512 bytes) beats 2 bytes a value only past 256 values
+        assert e.encoding == "raw" and e.dtype == "F16" and e.bits == 16, e.name
+        np.testing.assert_array_equal(f.tensor(e), tensors[e.name].astype(np.float16))
+    # at 2 bits the 8-byte codebook wins: float16 would be larger
+    f2 = deltacodec.load(deltacodec.encode(str(src), bits=2, out=str(tmp_path / "b.sld")))
+    assert all(t.encoding == "codebook" for m in f2.modules for t in (m.A, m.B))
+
+
+def test_float16_fallback_is_refused_where_float16_is_subnormal(tmp_path):
+    # 64 values near 1e-6, where float16 is subnormal (steps of 6e-8, ~3% of the values); the
+    # 8-bit codebook holds both distinct values almost exactly, so it stays though it is larger.
+    x = np.repeat(np.array([1.03e-6, -2.71e-6], dtype=np.float32), 32)
+    a = Adapter(modules=[AdapterModule("m", A=x.reshape(1, 64), B=np.full((4, 1), 0.5, np.float32), scale=1.0)])
+    f = deltacodec.load(deltacodec.encode(a, bits=8, out=str(tmp_path / "c.sld")))
+    assert f.modules[0].A.encoding == "codebook" and f.modules[0].B.encoding == "raw"
+    np.testing.assert_allclose(f.tensor(f.modules[0].A).reshape(-1), x, rtol=2.0**-11)
 
 
 def test_sixteen_bit_passthrough_is_exact(tmp_path):

@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 VECTORS = {
     "lora_1bit_none": dict(kind="lora", bits=1, level=0, quantizer="kmeans", extras=False),
-    "sine_3bit_zstd": dict(kind="sine", bits=3, level=1, quantizer="kmeans", extras=False),
+    # larger tensors: zstd only pays (and is only kept) past a few hundred indices
+    "sine_3bit_zstd": dict(kind="sine", bits=3, level=1, quantizer="kmeans", extras=False, scale=8),
     "sine_5bit_dense": dict(kind="sine", bits=5, level=0, quantizer="uniform", extras=False),
     "mixed_16bit_extras": dict(kind="sine", bits=16, level=1, quantizer="kmeans", extras=True),
 }
@@ -38,16 +39,17 @@ def source(name: str, spec: dict) -> str:
 
     rng = np.random.default_rng(sum(map(ord, name)))
     tensors = {}
-    for mod, (o, i) in {"model.layers.0.self_attn.q_proj": (12, 20), "model.layers.0.mlp.down_proj": (20, 36)}.items():
+    k = spec.get("scale", 1)
+    for mod, (o, i) in {"model.layers.0.self_attn.q_proj": (12 * k, 20 * k), "model.layers.0.mlp.down_proj": (20 * k, 36 * k)}.items():
         tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.from_numpy(
-            rng.uniform(-1, 1, (3, i)).astype(np.float32) / np.sqrt(i))
+            rng.uniform(-1, 1, (8, i)).astype(np.float32) / np.sqrt(i))
         tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.from_numpy(
-            (rng.standard_t(4, (o, 3)) * 1e-2).astype(np.float32))
+            (rng.standard_t(4, (o, 8)) * 1e-2).astype(np.float32))
     if spec["extras"]:
         tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.from_numpy(
             rng.normal(1, 0.1, 12).astype(np.float32)).to(torch.bfloat16)
         tensors["base_model.model.lm_head.bias"] = torch.from_numpy(rng.normal(0, 1, 7).astype(np.float32))
-    cfg = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "base_model_name_or_path": "golden"}
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": "golden"}
     if spec["kind"] == "sine":
         cfg.update(peft_type="SINLORA", freq=60.0)
     path = os.path.join(HERE, f"{name}.source.safetensors")
@@ -62,7 +64,7 @@ def hexbits(a: np.ndarray) -> list[str]:
 def expected(path: str, spec: dict) -> dict:
     f = deltacodec.load(path)
     return {
-        "options": {k: spec[k] for k in ("bits", "level", "quantizer")},
+        "options": {key: spec[key] for key in ("bits", "level", "quantizer")},
         "zstd_version": zstandard.ZSTD_VERSION,
         "file_bytes": f.file_size,
         "modules": [
