@@ -153,14 +153,34 @@ def encode(
         tensors.append(
             {"name": name, "shape": values.shape, "encoding": "raw", "dtype": dt, "compression": comp, "section": section}
         )
+    config = _portable_config(adapter.config)
     metadata: dict[str, Any] = {
         "encoder": f"deltacodec {_version}",
         "method": "sine" if adapter.sine else "lora",
-        "base_model": adapter.config.get("base_model_name_or_path"),
-        "adapter_config": _jsonable(adapter.config),
+        "base_model": config.get("base_model_name_or_path"),
+        "adapter_config": config,
     }
     atomic_write(out, build_container(metadata, modules, tensors))
     return out
+
+
+# PEFT keeps these as sets and writes them in hash order, which changes from run to run.
+_SET_VALUED_KEYS = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform")
+
+
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The adapter config as the header stores it: plain msgpack types, set-valued keys sorted
+    (so the same adapter gives the same bytes), and a local absolute base-model path reduced to
+    its last component (the file is shipped to other machines; the path means nothing there)."""
+    cfg = _jsonable(config)
+    for key in _SET_VALUED_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, list) and len({type(x) for x in v}) <= 1:
+            cfg[key] = sorted(v)
+    base = cfg.get("base_model_name_or_path")
+    if isinstance(base, str) and os.path.isabs(base):
+        cfg["base_model_name_or_path"] = os.path.basename(base.rstrip("/\\")) or base
+    return cfg
 
 
 def _jsonable(obj: Any) -> Any:

@@ -288,6 +288,19 @@ def test_encode_is_deterministic(tmp_path):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
+def test_set_valued_config_keys_do_not_change_the_bytes_and_local_paths_are_not_shipped(tmp_path):
+    # PEFT writes target_modules from a set: its order changes with the hash seed.
+    outs = []
+    for i, order in enumerate((["q_proj", "down_proj", "k_proj"], ["k_proj", "q_proj", "down_proj"])):
+        d = tmp_path / f"a{i}"
+        make_adapter(d, config={"target_modules": order, "base_model_name_or_path": "/home/alice/models/llama-3/"})
+        outs.append(open(deltacodec.encode(str(d), bits=3, out=str(tmp_path / f"{i}.sld")), "rb").read())
+    assert outs[0] == outs[1]
+    f = deltacodec.load(str(tmp_path / "0.sld"))
+    assert f.metadata["base_model"] == "llama-3" and "alice" not in json.dumps(f.metadata)
+    assert f.metadata["adapter_config"]["target_modules"] == ["down_proj", "k_proj", "q_proj"]
+
+
 def test_default_output_paths(tmp_path):
     d = tmp_path / "adapter"
     make_adapter(d)
