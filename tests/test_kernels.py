@@ -130,7 +130,9 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
     * x = b @ a in fp32, any summation order (BLAS blocking, tl.dot tiles, the rank loop):
       |x - X| <= g * S with g = gamma_r = r*u/(1 - r*u)  (Higham, Thm 3.5).  The float64
       reference X has the same kind of error with u = 2**-53; it is added to g.
-    * sine: y = fl(omega*x): |y - omega*X| <= omega*g*S + u*omega*(|X| + g*S).  sin is
+    * sine: y = fl(omega*x): |y - omega*X| <= omega*g*S + u*omega*(|X| + g*S); or, folded into
+      the factor, y = fl(fl(omega*b) @ a): |y - omega*X| <= omega*g*S*(1 + u) + u*omega*S.  The
+      bound takes the sum of both forms' terms.  sin is
       1-Lipschitz, so sin(omega*x) amplifies an absolute error in x by up to omega; plus
       SIN_ULPS*u for the sin implementation; times |c|, plus u*|c| for rounding c*s (|s| <= 1).
     * plain: d = fl(c*x): |d - D| <= |c|*g*S + u*|c|*(|X| + g*S).
@@ -141,7 +143,7 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
     g = rank * U32 / (1 - rank * U32) + rank * U64 / (1 - rank * U64)
     absX = np.abs(X)
     if sine:
-        err_y = omega32 * g * S + U32 * omega32 * (absX + g * S)
+        err_y = omega32 * g * S + U32 * omega32 * (absX + g * S) + U32 * omega32 * S * (1 + g)
         err_d = abs(c) * (err_y + SIN_ULPS * U32) + U32 * abs(c)
     else:
         err_d = abs(c) * g * S + U32 * abs(c) * (absX + g * S)
