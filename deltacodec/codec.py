@@ -14,7 +14,7 @@ from .adapter import GAMMA_SQRT_IN, Adapter, AdapterModule, read_adapter, write_
 from .entropy import DEFAULT_LEVEL, MAX_LEVEL, compress
 from .errors import EncodeError, SldFormatError
 from .format import SldFile, atomic_write, build_container
-from .pack import default_width, pack_indices
+from .pack import default_width, pack_indices, packed_nbytes
 from .quantize import QUANTIZERS, quantize
 
 __all__ = ["encode", "decode", "load", "default_output", "Progress"]
@@ -67,6 +67,11 @@ def _factor(values: np.ndarray, name: str, bits: int, quantizer: str, level: int
     q = quantize(values, bits, quantizer)
     width = default_width(bits, entropy_coded=level > 0)
     section, comp = compress(pack_indices(q.indices, width).tobytes(), level)
+    if width != bits and packed_nbytes(values.size, bits) < len(section):
+        # Byte-aligned fields let zstd reach the index entropy, but when the indices are close to
+        # uniform (lora_A near its init) or the tensor is small (frame overhead), dense fields
+        # with no entropy stage are smaller: keep whichever is.
+        section, comp, width = pack_indices(q.indices, bits).tobytes(), "none", bits
     coded_bytes = len(section) + len(q.codebook_f16)
     if 2 * values.size <= coded_bytes and peak <= _F16_MAX:
         raw = _f16_factor(values, level)

@@ -54,9 +54,17 @@ def pack_indices(indices: np.ndarray, width: int) -> np.ndarray:
         for t in range(per):
             out |= groups[:, t] << np.uint8(t * width)
         return out
-    # Dense widths: expand to one bit per byte, then let numpy pack 8 bits at a time.
-    bits = (idx[:, None] >> np.arange(width, dtype=np.uint8)) & np.uint8(1)
-    return np.packbits(bits.reshape(-1), bitorder="little")
+    # Dense widths (3, 5, 6, 7): 8 fields fill exactly `width` bytes, so each group of 8 is
+    # assembled as one little-endian integer of 8*width <= 56 bits and cut into its bytes.
+    pad = (-n) % 8
+    if pad:
+        idx = np.concatenate([idx, np.zeros(pad, dtype=np.uint8)])
+    groups = idx.reshape(-1, 8).astype(np.uint64)
+    word = np.zeros(groups.shape[0], dtype=np.uint64)
+    for t in range(8):
+        word |= groups[:, t] << np.uint64(t * width)
+    out = word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width].reshape(-1)
+    return out[: packed_nbytes(n, width)].copy()
 
 
 def unpack_indices(stream: np.ndarray, n: int, width: int) -> np.ndarray:
@@ -76,9 +84,17 @@ def unpack_indices(stream: np.ndarray, n: int, width: int) -> np.ndarray:
         for t in range(per):
             out[:, t] = (buf >> np.uint8(t * width)) & mask
         return out.reshape(-1)[:n]
-    bits = np.unpackbits(buf, bitorder="little")[: n * width].reshape(n, width)
-    weights = (np.uint8(1) << np.arange(width, dtype=np.uint8))
-    return (bits * weights).sum(axis=1, dtype=np.uint16).astype(np.uint8)
+    groups = -(-n // 8)
+    padded = np.zeros(groups * width, dtype=np.uint8)
+    padded[:need] = buf
+    raw = np.zeros((groups, 8), dtype=np.uint8)
+    raw[:, :width] = padded.reshape(groups, width)  # each group of 8 fields is `width` bytes
+    word = raw.reshape(-1).view("<u8")
+    mask = np.uint64((1 << width) - 1)
+    out = np.empty((groups, 8), dtype=np.uint8)
+    for t in range(8):
+        out[:, t] = (word >> np.uint64(t * width)) & mask
+    return out.reshape(-1)[:n]
 
 
 def padding_is_zero(stream: np.ndarray, n: int, width: int) -> bool:

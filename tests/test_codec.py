@@ -51,7 +51,21 @@ def test_decode_equals_codebook_at_indices_of_the_quantizer(tmp_path, bits, leve
             q = quantize(tensors[key], bits, "kmeans")  # the encoder's own quantization, redone
             np.testing.assert_array_equal(got.reshape(-1), q.codebook[q.indices])
             e = f._lookup(key)
-            assert e.bits == bits and e.width == (bits if level == 0 else [1, 2, 4, 4, 8, 8, 8, 8][bits - 1])
+            aligned = [1, 2, 4, 4, 8, 8, 8, 8][bits - 1]
+            assert e.bits == bits
+            # with the entropy stage: byte-aligned fields, or dense ones stored plainly if smaller
+            assert e.width == bits if level == 0 else (e.width == aligned or (e.width, e.compression) == (bits, "none"))
+
+
+def test_dense_fields_are_kept_where_zstd_cannot_beat_them(tmp_path):
+    rng = np.random.default_rng(3)
+    uniform = rng.uniform(-1, 1, (16, 1024)).astype(np.float32)  # 3-bit indices near 3 bits of entropy
+    peaked = (rng.standard_t(3, (1024, 16)) * 1e-2).astype(np.float32)  # far below 3 bits
+    a = Adapter(modules=[AdapterModule("m", A=uniform, B=peaked, scale=1.0)])
+    f = deltacodec.load(deltacodec.encode(a, bits=3, out=str(tmp_path / "a.sld")))
+    A, B = f.modules[0].A, f.modules[0].B
+    assert (A.width, A.compression, A.length) == (3, "none", 16 * 1024 * 3 // 8)
+    assert (B.width, B.compression) == (4, "zstd") and B.length < 16 * 1024 * 3 // 8
 
 
 def test_tensors_smaller_than_their_codebook_are_stored_as_float16(tmp_path):
