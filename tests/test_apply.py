@@ -123,6 +123,35 @@ def test_sine_apply_matches_the_reference_sine_merge(tmp_path):
     assert (got - want).abs().max().item() < 5e-3
 
 
+def test_gpt2_conv1d_adapter_with_fan_in_fan_out_matches_peft_merge(tmp_path):
+    # GPT-2's Conv1D stores W as in×out, which is what PEFT's fan_in_fan_out describes: the file
+    # records it per module and apply adds ΔWᵀ. Checked against PEFT's own merge end to end.
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(
+        transformers.GPT2LMHeadModel(cfg).eval(),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(str(tmp_path / "gpt2-lora"))
+    sld = deltacodec.encode(str(tmp_path / "gpt2-lora"), bits=16, out=str(tmp_path / "g.sld"))
+    assert all(m.fan_in_fan_out for m in deltacodec.load(sld).modules)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    h = deltacodec.apply(base, sld)
+    assert len(h.patched) == 4
+    merged = pm.merge_and_unload()
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got, want = base(x).logits, merged(x).logits
+    # float16 factors (2**-11 relative) are the only difference; a transposed ΔW would be off by O(1).
+    assert (got - want).abs().max().item() < 2e-4 * max(1.0, want.abs().max().item())
+
+
 def test_remove_restores_weights_bit_exactly(tmp_path):
     d, _ = sine_adapter_dir(tmp_path)
     sld = deltacodec.encode(str(d), bits=3, out=str(tmp_path / "s.sld"))
