@@ -137,6 +137,11 @@ def inspect_summary(path: str) -> dict[str, Any]:
     }
 
 
+def _vs_fp16(ratio: float) -> str:
+    # Tiny or 16-bit files can be larger than the raw fp16 factors (header, codebooks).
+    return f"{ratio:.2f}x smaller than fp16" if ratio >= 1 else f"{1 / ratio:.2f}x larger than fp16"
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     s = inspect_summary(args.file)
     if args.json:
@@ -148,6 +153,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if s["omega"] is not None:
         print(f"  omega       {s['omega']}    gamma {s['gamma']}")
     print(f"  scale       {', '.join(f'{v:g}' for v in s['scales']) or '-'}")
+    transposed = sum(m["fan_in_fan_out"] for m in s["modules"])
+    if transposed:
+        print(f"  layout      W is in×out (fan_in_fan_out) in {transposed} of {len(s['modules'])} modules")
     name_w = max([len(r["name"]) for r in s["tensors"]] + [6])
     print(f"  {'tensor':<{name_w}}  {'shape':>14}  {'bits':>4}  {'quantizer':>9}  {'bytes':>10}  {'bits/param':>10}")
     for r in s["tensors"]:
@@ -158,7 +166,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
     print(
         f"  total: {len(s['tensors'])} tensors, {s['params']:,} params, {s['bytes']:,} bytes, "
-        f"{s['bits_per_param']:.3f} bits/param, {s['ratio_vs_fp16']:.2f}x smaller than fp16 "
+        f"{s['bits_per_param']:.3f} bits/param, {_vs_fp16(s['ratio_vs_fp16'])} "
         f"({s['fp16_bytes']:,} bytes)"
     )
     return 0

@@ -114,3 +114,15 @@ def test_encode_report_prints_weight_space_error(tmp_path):
     res = sld("encode", str(tmp_path / "a"), "--bits", "8", "--report", "-o", str(tmp_path / "o.sld"))
     assert res.returncode == 0, res.stderr
     assert "rel. error" in res.stdout and "relative weight-space error mean" in res.stdout
+
+
+def test_inspect_says_larger_than_fp16_and_shows_the_transposed_layout(tmp_path):
+    # 16 bits on a tiny adapter: header and framing make the file larger than the raw fp16 factors,
+    # which the summary must not call "0.9x smaller".
+    make_adapter(tmp_path / "a", config={"fan_in_fan_out": True})
+    assert sld("encode", str(tmp_path / "a"), "--bits", "16", "-q", "-o", str(tmp_path / "o.sld")).returncode == 0
+    info = json.loads(sld("inspect", str(tmp_path / "o.sld"), "--json").stdout)
+    assert info["ratio_vs_fp16"] < 1
+    text = sld("inspect", str(tmp_path / "o.sld")).stdout
+    assert f"{1 / info['ratio_vs_fp16']:.2f}x larger than fp16" in text and "smaller" not in text
+    assert "W is in×out (fan_in_fan_out) in 2 of 2 modules" in text
