@@ -523,6 +523,7 @@ for case in json.loads(open(sys.argv[1]).read()):
     log = ptxas_log.getvalue()
     print(json.dumps(dict(case=case, arch=compiled.metadata.arch, shared=compiled.metadata.shared,
                           cubin=len(compiled.asm["cubin"]), ptx_tf32=compiled.asm["ptx"].count("tf32"),
+                          ptx_sin_approx=compiled.asm["ptx"].count("sin.approx"),
                           regs=[int(n) for n in re.findall(r"Used (\d+) registers", log)],
                           spills=[int(n) for n in re.findall(r"(\d+) bytes spill stores", log)])), flush=True)
 """
@@ -591,6 +592,9 @@ def compile_and_check(cases: list[dict], tmp_path: Path) -> None:
         assert r["shared"] <= 99 * 1024, r
         # tl.dot stayed in true fp32 ("ieee"): no TF32 tensor-core instructions.
         assert r["ptx_tf32"] == 0, r
+        # tl.sin stayed libdevice's __nv_sinf (2 ulps, full range reduction), which the interpreter
+        # tests' error bound assumes; sin.approx.f32 loses accuracy quickly beyond |x| > pi.
+        assert r["ptx_sin_approx"] == 0, r
         # No real register spilling.  ptxas spills a word or two in a few variants (8 and 16 bytes
         # in 2 of these 54 on sm_90, where it capped itself at 64/128 registers); with a rank
         # padding of 64 the spills were 190 to 5000+ bytes, which this bound catches.
