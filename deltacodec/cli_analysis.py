@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deltacodec.errors import SldError
+from deltacodec.errors import SldError, preview
 
 # Errors that are reported as one line. Anything else is a bug and keeps its traceback.
 _REPORTED = (SldError, OSError, ValueError, ImportError, KeyError, MemoryError)
@@ -274,8 +274,7 @@ def collect_stats(file: str | Path, source: str | Path | None = None) -> dict:
         if src_mods is not None:
             extra = sorted(set(src_mods) - {r["name"] for r in modules})
             if extra:
-                warnings.warn(f"{len(extra)} module(s) of --source are not in {path}: {', '.join(extra[:5])}"
-                              + (" ..." if len(extra) > 5 else ""))
+                warnings.warn(f"{len(extra)} module(s) of --source are not in {path}: {preview(extra, limit=5)}")
 
     total: dict = {"modules": len(modules)}
     params = sum(r["rank"] * (r["in_features"] + r["out_features"]) for r in modules)

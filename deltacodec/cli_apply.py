@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ApplyError
+from .errors import ApplyError, preview
 
 __all__ = ["apply_checkpoint", "add_apply_parser"]
 
@@ -94,8 +94,8 @@ def _plan(shards: list[str], f) -> dict[str, list[tuple[Any, str]]]:
             plan[shard].append((t, key))
     if problems:
         raise ApplyError(
-            f"{f.path}: does not fit the checkpoint ({len(problems)} problem(s)): " + "; ".join(problems[:10])
-            + (" ..." if len(problems) > 10 else "") + "; nothing was written"
+            f"{f.path}: does not fit the checkpoint ({len(problems)} problem(s)): "
+            + preview(problems, "; ") + "; nothing was written"
         )
     return plan
 

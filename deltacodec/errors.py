@@ -7,6 +7,14 @@ Messages name the file, the offset, tensor or key, and what was expected.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+
+def preview(items: Sequence[str], sep: str = ", ", limit: int = 10) -> str:
+    """The first ``limit`` items joined by ``sep``, with " ..." when there are more: long lists of
+    names stay readable in a one-line error message."""
+    return sep.join(items[:limit]) + (" ..." if len(items) > limit else "")
+
 
 class SldError(Exception):
     """Base class of every error raised by deltacodec on purpose."""

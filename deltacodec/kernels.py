@@ -39,6 +39,7 @@ Backends
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -617,20 +618,9 @@ _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloa
 def launch_specialisations() -> Iterator[dict]:
     """Every constexpr/dtype combination :func:`delta_add_triton` can launch (tile sizes aside):
     A and B field widths (1..8, 16 = fp16) x W dtype x rank padding x sine x fan_in_fan_out."""
-    for a_width in FACTOR_WIDTHS:
-        for b_width in FACTOR_WIDTHS:
-            for w_dtype in W_DTYPES:
-                for block_r in RANK_BLOCKS:
-                    for sine in (False, True):
-                        for fan_in_fan_out in (False, True):
-                            yield dict(
-                                a_width=a_width,
-                                b_width=b_width,
-                                w_dtype=w_dtype,
-                                block_r=block_r,
-                                sine=sine,
-                                fan_in_fan_out=fan_in_fan_out,
-                            )
+    keys = ("a_width", "b_width", "w_dtype", "block_r", "sine", "fan_in_fan_out")
+    for values in itertools.product(FACTOR_WIDTHS, FACTOR_WIDTHS, W_DTYPES, RANK_BLOCKS, (False, True), (False, True)):
+        yield dict(zip(keys, values))
 
 
 def compile_for_gpu(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ApplyError
+from .errors import ApplyError, preview
 from .format import ModuleEntry, SldFile, TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -230,11 +230,11 @@ def apply(
     if strict and (missing or mismatched or unusable):
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing from the model: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+            parts.append(f"{len(missing)} missing from the model: " + preview(missing))
         if mismatched:
-            parts.append(f"{len(mismatched)} mismatched: " + "; ".join(mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
+            parts.append(f"{len(mismatched)} mismatched: " + preview(mismatched, "; "))
         if unusable:
-            parts.append(f"{len(unusable)} stored tensor(s) not applicable: " + "; ".join(unusable[:10]) + (" ..." if len(unusable) > 10 else ""))
+            parts.append(f"{len(unusable)} stored tensor(s) not applicable: " + preview(unusable, "; "))
         raise ApplyError(f"{f.path}: cannot apply (strict): " + " | ".join(parts) + "; no weight was changed")
     for t in targets:  # one backend check for all, before any weight changes
         kernels.select_backend(t.weight, backend)

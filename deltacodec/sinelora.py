@@ -59,6 +59,8 @@ from peft.tuners.lora.layer import Linear as _LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .errors import preview
+
 __all__ = [
     "SineLoraConfig",
     "SineLoraLinear",
@@ -268,7 +270,7 @@ def _check_all_sine(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(
             f"SineLoRA adapter '{adapter_name}': {len(plain)} targeted module(s) are not torch.nn.Linear "
             "layers (or were already plain LoRA layers) and would train as plain LoRA: "
-            + ", ".join(plain[:8]) + (" ..." if len(plain) > 8 else "")
+            + preview(plain, limit=8)
         )
 
 
