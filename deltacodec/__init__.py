@@ -23,10 +23,14 @@ from .codec import decode, encode, load
 from .errors import (
     AdapterError,
     ApplyError,
+    DecodeError,
+    DeltacodecWarning,
     EncodeError,
+    OutputError,
     SldChecksumError,
     SldError,
     SldFormatError,
+    SldLimitError,
     SldVersionError,
 )
 from .format import ModuleEntry, SldFile, TensorEntry
@@ -49,7 +53,11 @@ __all__ = [
     "SldFormatError",
     "SldVersionError",
     "SldChecksumError",
+    "SldLimitError",
     "AdapterError",
     "EncodeError",
+    "DecodeError",
     "ApplyError",
+    "OutputError",
+    "DeltacodecWarning",
 ]

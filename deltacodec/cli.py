@@ -32,6 +32,29 @@ def _gamma_arg(text: str) -> float | str:
     return v
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+
+
+def size_arg(text: str) -> int:
+    """A byte count as users type it: ``1048576``, ``3MB`` (10^6), ``4GiB`` (2^30), ``1.5GB``."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = m and m.group(2).lower()
+    if not m or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 1048576, 3MB or 4GiB (units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), got '{text}'"
+        )
+    value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(value) or value < 1 or value >= 2**63:
+        raise argparse.ArgumentTypeError(f"size must be 1 byte .. 2^63, got '{text}'")
+    return int(value)
+
+
 def _bits_arg(text: str) -> int:
     try:
         v = int(text)

@@ -24,9 +24,14 @@ PASSTHROUGH_BITS = 16
 _F16_MAX = 65504.0
 
 
-def load(path: str | os.PathLike[str]) -> SldFile:
-    """Open an ``.sld`` file: the header is read and validated, tensors decode on request."""
-    return SldFile(path)
+def load(path: str | os.PathLike[str], *, max_decoded_bytes: int | None = None) -> SldFile:
+    """Open an ``.sld`` file: the header is read and validated, tensors decode on request.
+
+    ``max_decoded_bytes`` caps what decoding the whole file may allocate (every tensor as
+    float32); a file that asks for more is refused with :class:`SldLimitError` before anything
+    is decoded. None means the library default, ``format.DEFAULT_MAX_DECODED_BYTES``.
+    """
+    return SldFile(path, max_decoded_bytes=max_decoded_bytes)
 
 
 def default_output(src: str | os.PathLike[str]) -> str:

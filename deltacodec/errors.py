@@ -37,12 +37,38 @@ class SldChecksumError(SldFormatError):
     """A header or section failed its CRC-32 check: the bytes were altered after writing."""
 
 
+class SldLimitError(SldFormatError):
+    """A file asks for more than a reader's limit allows (decoded bytes, entry counts, nesting
+    depth, zstd window). ``limit`` is the limit in force, ``requested`` what the file asks for;
+    a caller that trusts the file can raise the limit (``max_decoded_bytes``)."""
+
+    def __init__(self, message: str, *, limit: int, requested: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.requested = requested
+
+
 class AdapterError(SldError, ValueError):
     """An input adapter cannot be encoded: missing A or B, rank mismatch, NaN/Inf, empty, ..."""
 
 
 class EncodeError(SldError, ValueError):
     """Encoding options are invalid (bits out of range, unknown quantizer, bad omega/gamma)."""
+
+
+class DecodeError(SldError, ValueError):
+    """A decoded adapter cannot be written as asked: a value overflows the requested dtype,
+    or the decode options are invalid."""
+
+
+class OutputError(SldError, ValueError):
+    """An output path is refused or could not be written: it exists (without ``force``), it is
+    or lies inside one of the inputs, or the write failed (nothing partial is left behind)."""
+
+
+class DeltacodecWarning(UserWarning):
+    """Something the user should know that does not stop the operation (a config value that is
+    ignored, tensors that ``apply`` will refuse, a delta stacked on a weight already patched)."""
 
 
 class ApplyError(SldError, RuntimeError):

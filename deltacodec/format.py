@@ -27,7 +27,7 @@ import numpy as np
 import zstandard
 
 from . import entropy
-from .errors import SldChecksumError, SldFormatError, SldVersionError
+from .errors import SldChecksumError, SldFormatError, SldLimitError, SldVersionError
 from .pack import packed_nbytes, padding_is_zero, unpack_indices
 
 __all__ = [
@@ -58,6 +58,9 @@ MAX_NDIM = 8
 MAX_DIM = (1 << 31) - 1
 MAX_NUMEL = 1 << 33
 HEADER_LEVEL = 19
+# What decoding a whole file may allocate, by default: every tensor as float32 (F64 extras as
+# float64). A caller that trusts a larger file raises it: SldFile(path, max_decoded_bytes=N).
+DEFAULT_MAX_DECODED_BYTES = 16 << 30
 
 RAW_DTYPES = {
     "F16": (np.dtype("<f2"), 16),
@@ -311,8 +314,9 @@ class SldFile:
     contiguous, in header order, and end exactly at the end of the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_decoded_bytes: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.max_decoded_bytes = DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else int(max_decoded_bytes)
         try:
             self.file_size = os.path.getsize(self.path)
             with open(self.path, "rb") as fh:
@@ -356,6 +360,19 @@ class SldFile:
         self.data_offset = PREAMBLE_SIZE + hlen
         header = self._parse_header(raw_header)
         self._validate(header)
+        need = self.decoded_nbytes
+        if need > self.max_decoded_bytes:
+            raise SldLimitError(
+                f"{self.path}: decoding needs {need:,} bytes, over the limit of "
+                f"{self.max_decoded_bytes:,} (max_decoded_bytes / --max-decoded-bytes raises it)",
+                limit=self.max_decoded_bytes,
+                requested=need,
+            )
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes every tensor takes decoded: float32 each, float64 for F64 extras."""
+        return sum(e.numel * (8 if e.dtype == "F64" else 4) for e in self.entries())
 
     # -- header -------------------------------------------------------------------------------
 

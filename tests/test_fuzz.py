@@ -1,6 +1,6 @@
 """Mutated and truncated files: the reader raises only deltacodec's own errors, never crashes,
 never hangs, never allocates what a corrupt size asks for. The default profile runs a few
-hundred cases; HYPOTHESIS_PROFILE=slow with -m slow runs thousands."""
+hundred cases; HYPOTHESIS_PROFILE=slow with -m exhaustive runs thousands."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_inserted_bytes_raise_only_library_errors(tmp_path_factory, which, junk,
     _check(tmp_path_factory, data[:i] + junk + data[i:])
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @settings(max_examples=20_000)
 @given(which=st.integers(0, len(VALID) - 1), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=8))
 def test_flipped_bytes_long_run(tmp_path_factory, which, flips):

@@ -559,10 +559,10 @@ def test_kernel_compiles_ahead_of_time_for_sm80_and_sm90(tmp_path):
     compile_and_check(aot_cases(), tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @needs_triton
 def test_kernel_compiles_every_launch_specialisation_for_sm80_and_sm90(tmp_path):
-    """All 2 x 1944 variants (40 min on 2 cores, measured): run with -m slow."""
+    """All 2 x 1944 variants (40 min on 2 cores, measured): run with -m exhaustive."""
     cases = [dict(spec, arch=arch, w_dtype=str(spec["w_dtype"]).removeprefix("torch."))
              for arch in AOT_ARCHS for spec in launch_specialisations()]
     compile_and_check(cases, tmp_path)
