@@ -11,7 +11,7 @@ Two families of tools live here:
   (the reference implementation the papers cite); this module only validates the curves, calls it and
   turns its warnings and NaNs into errors or warnings that name the group and the method.
 
-``bjontegaard`` and ``matplotlib`` are optional (``pip install deltacodec[analysis]``) and are only
+``bjontegaard`` and ``matplotlib`` are optional (``pip install -e '.[analysis]' in a checkout``) and are only
 imported inside the functions that need them; ``torch`` is also imported lazily so that the BD tools
 start quickly.
 
@@ -616,7 +616,7 @@ def bd_table(
         import bjontegaard as bd
     except ImportError:
         raise AnalysisError(
-            "BD analysis needs the 'bjontegaard' package (pip install deltacodec[analysis])"
+            "BD analysis needs the 'bjontegaard' package (pip install -e '.[analysis]' in a checkout)"
         ) from None
 
     pts = [_coerce_point(p, i) for i, p in enumerate(points)]
@@ -695,7 +695,7 @@ def plot_rd(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise AnalysisError("plotting needs matplotlib (pip install deltacodec[analysis])") from None
+        raise AnalysisError("plotting needs matplotlib (pip install -e '.[analysis]' in a checkout)") from None
 
     pts = [_coerce_point(p, i) for i, p in enumerate(points)]
     if not pts:
