@@ -18,6 +18,8 @@ from typing import Callable, TextIO
 
 __all__ = ["ProgressBar", "stderr_progress", "break_line"]
 
+#: Seconds of work before the bar first appears: a command that ends sooner shows nothing.
+DEFAULT_DELAY_S = 0.5
 #: Redraws per second at most: a file with 700,000 tensors must not cost 700,000 writes.
 _MAX_REDRAWS_PER_S = 10
 _WIDTH = 30
@@ -39,7 +41,8 @@ class ProgressBar:
     """``report(i, n, name)``: ``i`` of ``n`` steps done; the ``Progress`` callback of the codec.
 
     ``stream``: where to draw (default: ``sys.stderr`` at construction). ``enabled``: draw at
-    all (default: when the stream is a TTY). ``delay``: seconds of work before the first draw.
+    all (default: when the stream is a TTY). ``delay``: seconds of work before the first draw
+    (default :data:`DEFAULT_DELAY_S`).
     ``clock``: a monotonic clock in seconds (tests pass a fake one).
     """
 
@@ -49,7 +52,7 @@ class ProgressBar:
         *,
         stream: TextIO | None = None,
         enabled: bool | None = None,
-        delay: float = 0.5,
+        delay: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.label = label
@@ -58,7 +61,7 @@ class ProgressBar:
             isatty = getattr(self.stream, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = enabled
-        self.delay = delay
+        self.delay = DEFAULT_DELAY_S if delay is None else delay
         self.clock = clock
         self._start: float | None = None
         self._last_draw: float | None = None
