@@ -63,11 +63,11 @@ def escape(text: str, *, backslash: bool = True) -> str:
 
 
 def one_line(message: str) -> str:
-    """A message (error or warning) as one terminal-safe line: inner line breaks become ``" / "``
-    where a library message spans lines, and every other non-printable is escaped. Backslashes
-    are kept (messages quote Python reprs such as ``b'\\x89SLD'``)."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    return escape(" / ".join(lines), backslash=False)
+    """A message (error or warning) as one terminal-safe line: line breaks and every other
+    non-printable shown escaped, as in names (a name holding a newline reads the same in an
+    error as in ``inspect``). Backslashes are kept: messages quote Python reprs such as
+    ``b'\\x89SLD'``."""
+    return escape(str(message).strip(), backslash=False)
 
 
 # --------------------------------------------------------------------------------------------------

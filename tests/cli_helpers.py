@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -22,6 +24,15 @@ def run_sld(capsys, *args: str) -> tuple[int, str, str]:
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def run_captured(*args: str) -> tuple[int, str, str]:
+    """``sld ARGS`` in this process with stdout/stderr captured here (usable inside hypothesis
+    tests, where the function-scoped capsys fixture is not)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
 
 
 def sld_process(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:

@@ -64,13 +64,13 @@ def _raise(exc):
     "exc, expected",
     [
         (SldError("/p/x.sld: header CRC-32 mismatch"), "sld: error: /p/x.sld: header CRC-32 mismatch"),
-        (SldChecksumError("/p/x.sld: tensor 'a\nb\x1b[2J': bad"), "sld: error: /p/x.sld: tensor 'a / b\\x1b[2J': bad"),
+        (SldChecksumError("/p/x.sld: tensor 'a\nb\x1b[2J': bad"), "sld: error: /p/x.sld: tensor 'a\\nb\\x1b[2J': bad"),
         (OSError(errno.ENOENT, "No such file or directory", "/p/in"), "sld: error: /p/in: No such file or directory"),
         (PermissionError(errno.EACCES, "Permission denied", "/p/in"), "sld: error: /p/in: Permission denied"),
         (IsADirectoryError(errno.EISDIR, "Is a directory", "/p/d"), "sld: error: /p/d: Is a directory"),
         (OSError(errno.ENOSPC, "No space left on device", "/p/a", None, "/p/b"),
          "sld: error: /p/a -> /p/b: No space left on device"),
-        (ValueError("/p/f: line 1\n  line 2"), "sld: error: /p/f: line 1 / line 2"),
+        (ValueError("/p/f: line 1\n  line 2\n"), "sld: error: /p/f: line 1\\n  line 2\n"),
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "sld: error: 'utf-8' codec can't decode"),
         (KeyError("/p/x.sld: no module named 'q'"), "sld: error: /p/x.sld: no module named 'q'"),
         (MemoryError(), "sld: error: out of memory"),
@@ -119,7 +119,7 @@ def test_run_prints_each_warning_as_one_escaped_line_and_keeps_the_status(capsys
     out, err = capsys.readouterr()
     assert out == "result\n"
     assert err.splitlines() == [
-        "sld: warning: first / second line \\x1b[31mred",
+        "sld: warning: first\\nsecond line \\x1b[31mred",
         "sld: warning: a warning the library let through",
         "sld: warning: repeated",
     ]
