@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -374,14 +375,23 @@ def _env() -> dict:
     return env
 
 
-def sld(*args: str) -> subprocess.CompletedProcess:
+def sld(*args: str) -> SimpleNamespace:
+    """``sld ARGS`` in this process, as (returncode, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(args))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def sld_process(*args: str) -> subprocess.CompletedProcess:
+    """``sld ARGS`` through the real entry point."""
     return subprocess.run(
         [sys.executable, "-m", "deltacodec.cli", *args],
         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120,
     )
 
 
-def assert_one_line_error(r: subprocess.CompletedProcess, pattern: str = "") -> None:
+def assert_one_line_error(r, pattern: str = "") -> None:
     """The convention of every verb: exit 1, one line ``sld: error: ...``, no traceback."""
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
@@ -568,33 +578,27 @@ def test_cli_stats_errors_are_one_line(fake_reader, monkeypatch, capsys, tmp_pat
     assert capsys.readouterr().err.strip() == f"sld: error: {sld_path}: bad magic b'XXXX'"
 
 
-def test_cli_stats_subprocess_with_injected_fake_reader(tmp_path):
-    sld_path = tmp_path / "a.sld"
-    sld_path.write_bytes(b"\0" * 100)
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(REPO / 'tests')!r})
-        import deltacodec
-        import test_analysis as t
-        fake, adapter = t.make_fake()
-        deltacodec.load = lambda p: fake
-        deltacodec.read_adapter = lambda p: adapter
-        from deltacodec.cli import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
-    cmd = [sys.executable, "-c", script, "stats", str(sld_path), "--source", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "q_proj" in r.stdout and "whole-adapter relative weight error" in r.stdout
-    r = subprocess.run(cmd[:-2] + ["--source", str(tmp_path / "nope")], capture_output=True, text=True,
-                       env=_env(), cwd=REPO, timeout=120)
-    assert_one_line_error(r, "--source")
+def test_cli_stats_text_with_source_and_a_missing_source(fake_reader, capsys, tmp_path):
+    sld_path, adapter_dir = fake_reader
+    assert cli_main(["stats", str(sld_path), "--source", str(adapter_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "whole-adapter relative weight error" in out
+    assert cli_main(["stats", str(sld_path), "--source", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"sld: error: --source {tmp_path / 'nope'}: no such file or directory\n"
+
+
+def test_cli_stats_warns_about_source_modules_missing_from_the_file(fake_reader, capsys, monkeypatch):
+    sld_path, adapter_dir = fake_reader
+    fake, adapter = make_fake()
+    fake.modules = fake.modules[:1]
+    monkeypatch.setattr(deltacodec, "load", lambda p: fake, raising=False)
+    assert cli_main(["stats", str(sld_path), "--source", str(adapter_dir)]) == 0
+    assert capsys.readouterr().err == f"sld: warning: 1 module(s) of --source are not in {sld_path}: up_proj\n"
 
 
 def test_cli_stats_missing_file_subprocess_is_one_line_error(tmp_path):
-    assert_one_line_error(sld("stats", str(tmp_path / "x.sld")), "no such file")
+    assert_one_line_error(sld_process("stats", str(tmp_path / "x.sld")), "no such file")
 
 
 @pytest.mark.parametrize("sine", [False, True])
