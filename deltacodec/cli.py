@@ -4,7 +4,7 @@ One convention for every verb, implemented once in :func:`run` (verbs only retur
 
 - exit 0: success;
 - exit 1: an error the library reports (:class:`SldError`, or an ``OSError``/``ValueError``/
-  ``MemoryError`` meaning bad input): exactly one line ``sld: error: ...`` on stderr, no traceback;
+  ``MemoryError``/``RecursionError`` meaning bad input, an ``ImportError`` for a missing extra): exactly one line ``sld: error: ...`` on stderr, no traceback;
 - exit 2: a usage error (unknown verb, bad option value): argparse's usage text and message;
 - exit 130: interrupted (Ctrl-C), one line ``sld: interrupted``;
 - a warning from the library prints as one line ``sld: warning: ...`` and changes nothing else;
@@ -44,8 +44,9 @@ bar appears only when stderr is a terminal, and never with -q.
 """
 
 # Errors that mean bad input, reported as one line. ImportError: an optional package is missing
-# (the message says which); RecursionError: input nested deeper than Python can follow.
-_REPORTED = (SldError, OSError, ValueError, KeyError, MemoryError, RecursionError, ImportError)
+# (the message says which); RecursionError: input nested deeper than Python can follow. Not
+# KeyError, TypeError, AttributeError...: from deltacodec those are bugs, kept visible.
+_REPORTED = (SldError, OSError, ValueError, MemoryError, RecursionError, ImportError)
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -170,15 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_message(exc: BaseException) -> str:
     """The text after ``sld: error: `` for an exception in :data:`_REPORTED` (one line)."""
-    if isinstance(exc, OSError) and not isinstance(exc, SldError):
+    if isinstance(exc, OSError):
         names = [os.fsdecode(n) for n in (exc.filename, exc.filename2) if isinstance(n, (str, bytes))]
         text = ": ".join(([" -> ".join(names)] if names else []) + [exc.strerror or str(exc)])
-    elif isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])  # str(KeyError) is the repr of its argument
     elif isinstance(exc, MemoryError):
         text = "out of memory" + (f": {exc}" if str(exc) else "")
     elif isinstance(exc, RecursionError):
         text = f"input nested too deeply to process ({exc})"
+    elif isinstance(exc, ModuleNotFoundError) and exc.name:
+        text = f"{exc}: an optional dependency is missing (see the README for the extra that provides it)"
     else:
         text = str(exc) or type(exc).__name__
     return one_line(text) or type(exc).__name__

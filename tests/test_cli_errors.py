@@ -12,7 +12,6 @@ import argparse
 import errno
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -32,7 +31,7 @@ from cli_helpers import (
     write_sld,
 )
 from deltacodec import cli_progress
-from deltacodec.cli import main, run
+from deltacodec.cli import run
 from deltacodec.errors import DeltacodecWarning, SldChecksumError, SldError
 from test_codec import make_adapter
 
@@ -72,7 +71,8 @@ def _raise(exc):
          "sld: error: /p/a -> /p/b: No space left on device"),
         (ValueError("/p/f: line 1\n  line 2\n"), "sld: error: /p/f: line 1\\n  line 2\n"),
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "sld: error: 'utf-8' codec can't decode"),
-        (KeyError("/p/x.sld: no module named 'q'"), "sld: error: /p/x.sld: no module named 'q'"),
+        (ModuleNotFoundError("No module named 'bjontegaard'", name="bjontegaard"),
+         "sld: error: No module named 'bjontegaard': an optional dependency is missing"),
         (MemoryError(), "sld: error: out of memory"),
         (RecursionError("maximum recursion depth exceeded"), "sld: error: input nested too deeply"),
         (ImportError("BD analysis needs the 'bjontegaard' package"), "sld: error: BD analysis needs the 'bjontegaard'"),
@@ -98,7 +98,7 @@ def test_run_closed_stdout_is_quiet(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("exc", [TypeError("bug"), AttributeError("bug"), AssertionError("bug")])
+@pytest.mark.parametrize("exc", [TypeError("bug"), AttributeError("bug"), KeyError("bug"), AssertionError("bug")])
 def test_run_lets_a_bug_keep_its_traceback(exc):
     # Only the library's own errors (and bad-input OS/value errors) are one line; anything else
     # is a defect in deltacodec that must stay visible.
