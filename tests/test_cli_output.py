@@ -16,7 +16,7 @@ import textwrap
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli_helpers import REPO, assert_one_line_error, lora_module, raw_tensor, run_captured, write_sld
@@ -144,7 +144,7 @@ def test_dumps_is_strict_json_that_inverts_to_the_value(v):
 
 def test_dumps_has_no_depth_limit():
     v = 1
-    for _ in range(5000):
+    for _ in range(2000):  # twice what msgpack itself can nest
         v = {"k": [v]}
     text = dumps(v)
     with deep_recursion():
@@ -152,7 +152,7 @@ def test_dumps_has_no_depth_limit():
     depth = 0
     while isinstance(back, dict):
         back, depth = back["k"][0], depth + 1
-    assert depth == 5000 and back == 1
+    assert depth == 2000 and back == 1
 
 
 @pytest.mark.parametrize(
@@ -211,6 +211,12 @@ def _check_inspect(path: str, want_meta) -> None:
             assert same(s[key], want_meta.get(key))
 
 
+# Each example writes a file and runs two commands: a third of the profile's examples (50 by
+# default, ~1700 with HYPOTHESIS_PROFILE=slow).
+FILE_EXAMPLES = settings(max_examples=max(10, settings.default.max_examples // 3))
+
+
+@FILE_EXAMPLES
 @given(metadata=st.dictionaries(KEYS, MSGPACK_VALUES, max_size=5),
        known=st.fixed_dictionaries({}, optional={k: MSGPACK_VALUES for k in ("method", "encoder", "base_model",
                                                                              "adapter_config")}))
@@ -265,6 +271,7 @@ def test_inspect_json_keeps_names_exactly(tmp_path):
     assert s["base_model"] == {"$bytes_hex": "1b5b324a"}
 
 
+@FILE_EXAMPLES
 @given(st.text(min_size=1).filter(lambda n: len(n.encode("utf-8", "surrogatepass")) <= 200))
 def test_inspect_escapes_any_name_the_reader_accepts(name):
     with tempfile.TemporaryDirectory() as d:
