@@ -1,14 +1,9 @@
 """The ``sld bd`` and ``sld stats`` verbs.
 
 The main ``sld`` command registers them with :func:`add_bd_parser` and :func:`add_stats_parser`.
-Each verb stores its handler as ``func`` in the parsed namespace; a handler takes the namespace and
-returns the exit status (0 on success, 1 on a reported error), printing errors as one line
-``sld <verb>: error: ...`` on stderr, never a traceback. So the main CLI only needs::
-
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-:func:`main` does exactly that with just these two verbs (``python -m deltacodec.cli_analysis``).
+Each verb stores its handler as ``func`` in the parsed namespace; a handler returns 0 or raises,
+and :func:`deltacodec.cli.run` turns errors and warnings into the one ``sld: error:`` /
+``sld: warning:`` convention of every verb.
 
 ``sld stats`` only uses the reader interface ``deltacodec.load(path)`` (``.modules``,
 ``.dequantize(name)``, ``.nbytes_module(name)``) and ``deltacodec.read_adapter(path)``
@@ -18,48 +13,16 @@ returns the exit status (0 on success, 1 on a reported error), printing errors a
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from deltacodec.errors import SldError, preview
-
-# Errors that are reported as one line. Anything else is a bug and keeps its traceback.
-_REPORTED = (SldError, OSError, ValueError, ImportError, KeyError, MemoryError)
-
-
-def _fail(verb: str, exc: BaseException) -> int:
-    msg = str(exc).strip().splitlines()
-    text = " ".join(line.strip() for line in msg) if msg else type(exc).__name__
-    if isinstance(exc, KeyError):
-        text = f"missing key {text}"
-    print(f"sld {verb}: error: {text}", file=sys.stderr)
-    return 1
-
-
-def _guarded(verb: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        def show(message, category, filename, lineno, file=None, line=None):
-            text = " ".join(str(message).split())
-            print(f"sld {verb}: warning: {text}", file=sys.stderr)
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            try:
-                return fn(args)
-            except BrokenPipeError:  # stdout closed by the reader (| head): the caller's business
-                raise
-            except _REPORTED as exc:
-                return _fail(verb, exc)
-
-    handler.__name__ = f"run_{verb}"
-    return handler
+from deltacodec.cli_args import limit_help, size_arg
+from deltacodec.cli_text import dumps, escape
+from deltacodec.errors import DeltacodecWarning, SldError, preview
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,37 +30,24 @@ def _guarded(verb: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[ar
 # --------------------------------------------------------------------------------------------------
 
 
-def _jsonable(x: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings "inf" / "-inf" / "nan"."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    return x
-
-
 def _fmt_group(g: Any) -> str:
-    return str(g)
+    return escape(str(g))
 
 
 def format_bd_table(rows: list[dict], *, anchor: str, interpolation: str) -> str:
     """The BD rows as a text table in the style of the paper's Table 2."""
-    lines = [f"Bjontegaard delta vs anchor {anchor!r} (interpolation: {interpolation})"]
+    lines = [f"Bjontegaard delta vs anchor '{escape(anchor)}' (interpolation: {interpolation})"]
     if not rows:
         lines.append("(no rows)")
         return "\n".join(lines)
     gw = max(5, *(len(_fmt_group(r["group"])) for r in rows))
-    mw = max(6, *(len(r["method"]) for r in rows))
+    mw = max(6, *(len(escape(r["method"])) for r in rows))
     head = f"{'group':<{gw}}  {'method':<{mw}}  {'BD-rate':>9}  {'BD-quality':>10}  {'points':>6}"
     lines += [head, "-" * len(head)]
     for r in rows:
         flag = " *" if r.get("warnings") else ""
         lines.append(
-            f"{_fmt_group(r['group']):<{gw}}  {r['method']:<{mw}}  {r['bd_rate']:>+8.2f}%"
+            f"{_fmt_group(r['group']):<{gw}}  {escape(r['method']):<{mw}}  {r['bd_rate']:>+8.2f}%"
             f"  {r['bd_quality']:>+10.3f}  {str(r['n_test']) + '/' + str(r['n_anchor']):>6}{flag}"
         )
     lines.append("BD-rate: rate change at equal quality (negative = smaller);"
@@ -123,7 +73,7 @@ def _cmd_bd(args: argparse.Namespace) -> int:
         analysis.plot_rd(points, args.plot, rows=rows, title=f"{Path(args.points).name}: anchor {anchor}")
     if args.json:
         out = {"anchor": anchor, "interpolation": args.method, "rows": rows}
-        print(json.dumps(_jsonable(out), indent=2, default=str))
+        print(dumps(out))
     else:
         print(format_bd_table(rows, anchor=anchor, interpolation=args.method))
         if args.plot:
@@ -153,7 +103,7 @@ def add_bd_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="warn when two curves overlap on less than this fraction (default 0.75)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out (with a warning) rows whose curves are unusable instead of failing")
-    p.set_defaults(func=_guarded("bd", _cmd_bd))
+    p.set_defaults(func=_cmd_bd)
     return p
 
 
@@ -203,11 +153,13 @@ def _is_adapter_path(path: Path) -> bool:
     return path.is_dir() or path.suffix.lower() in ADAPTER_SUFFIXES
 
 
-def collect_stats(file: str | Path, source: str | Path | None = None) -> dict:
+def collect_stats(file: str | Path, source: str | Path | None = None, *,
+                  max_decoded_bytes: int | None = None) -> dict:
     """Per-module and total statistics of an ``.sld`` file or an adapter (see ``sld stats``).
 
     FILE is an adapter when it is a directory or a ``.safetensors``/``.bin``/``.pt`` file (read with
-    ``deltacodec.read_adapter``), otherwise an ``.sld`` file (read with ``deltacodec.load``).
+    ``deltacodec.read_adapter``), otherwise an ``.sld`` file (read with ``deltacodec.load``, passing
+    ``max_decoded_bytes`` when it is given).
     """
     from deltacodec.analysis import module_stats
 
@@ -239,7 +191,8 @@ def collect_stats(file: str | Path, source: str | Path | None = None) -> dict:
         file_bytes = None
     else:
         kind = "sld"
-        f = _reader("load")(path)
+        limit = {} if max_decoded_bytes is None else {"max_decoded_bytes": max_decoded_bytes}
+        f = _reader("load")(path, **limit)
         for m in f.modules:
             name = str(m.name)
             A_q, B_q = (_np32(x, f"{name} (dequantized)") for x in f.dequantize(name))
@@ -274,7 +227,8 @@ def collect_stats(file: str | Path, source: str | Path | None = None) -> dict:
         if src_mods is not None:
             extra = sorted(set(src_mods) - {r["name"] for r in modules})
             if extra:
-                warnings.warn(f"{len(extra)} module(s) of --source are not in {path}: {preview(extra, limit=5)}")
+                warnings.warn(f"{len(extra)} module(s) of --source are not in {path}: {preview(extra, limit=5)}",
+                              DeltacodecWarning, stacklevel=2)
 
     total: dict = {"modules": len(modules)}
     params = sum(r["rank"] * (r["in_features"] + r["out_features"]) for r in modules)
@@ -309,16 +263,18 @@ def _f(x: Any, spec: str) -> str:
 def format_stats(stats: dict) -> str:
     """``collect_stats`` output as a text table."""
     mods = stats["modules"]
-    nw = max([6] + [len(r["name"]) for r in mods])
+    names = [escape(r["name"]) for r in mods]
+    nw = max([6] + [len(n) for n in names])
     head = (f"{'module':<{nw}}  {'r':>3}  {'out x in':>11}  {'bits':>5}  {'b/param':>7}  {'SR(BA)':>7}"
             f"  {'SR(QQ)':>7}  {'SR(sin)':>8}  {'SR(sinQ)':>8}  {'rel.err':>9}")
-    lines = [f"{stats['kind']} {stats['file']}" + (f" vs source {stats['source']}" if stats["source"] else ""),
+    lines = [f"{stats['kind']} {escape(stats['file'], backslash=False)}"
+             + (f" vs source {escape(stats['source'], backslash=False)}" if stats["source"] else ""),
              head, "-" * len(head)]
-    for r in mods:
+    for name, r in zip(names, mods):
         bits = "-" if r["bits"] is None else "/".join(str(b) for b in r["bits"])
         shape = f"{r['out_features']}x{r['in_features']}"
         lines.append(
-            f"{r['name']:<{nw}}  {r['rank']:>3}  {shape:>11}  {bits:>5}  {_f(r['bits_per_param'], '.3f'):>7}"
+            f"{name:<{nw}}  {r['rank']:>3}  {shape:>11}  {bits:>5}  {_f(r['bits_per_param'], '.3f'):>7}"
             f"  {_f(r.get('sr_lowrank'), '.2f'):>7}  {_f(r.get('sr_lowrank_q'), '.2f'):>7}"
             f"  {_f(r.get('sr_sine'), '.2f'):>8}  {_f(r.get('sr_sine_q'), '.2f'):>8}"
             f"  {_f(r.get('rel_error'), '.3e'):>9}"
@@ -342,16 +298,16 @@ def format_stats(stats: dict) -> str:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = collect_stats(args.file, args.source)
+    stats = collect_stats(args.file, args.source, max_decoded_bytes=args.max_decoded_bytes)
     if args.json:
-        print(json.dumps(_jsonable(stats), indent=2, default=str))
+        print(dumps(stats))
     else:
         print(format_stats(stats))
     return 0
 
 
 def add_stats_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sld stats FILE [--source ADAPTER] [--json]``."""
+    """Register ``sld stats FILE [--source ADAPTER] [--json] [--max-decoded-bytes SIZE]``."""
     p = subparsers.add_parser(
         "stats",
         help="stable ranks, weight-space error and bits/param of an .sld file or an adapter",
@@ -365,22 +321,6 @@ def add_stats_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=".sld file, or an adapter (directory or .safetensors/.bin file)")
     p.add_argument("--source", metavar="ADAPTER", help="the full-precision adapter the .sld was made from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.set_defaults(func=_guarded("stats", _cmd_stats))
+    p.add_argument("--max-decoded-bytes", type=size_arg, metavar="SIZE", help=limit_help())
+    p.set_defaults(func=_cmd_stats)
     return p
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A minimal ``sld`` with only the analysis verbs (the real CLI registers them the same way)."""
-    parser = argparse.ArgumentParser(prog="sld", description="deltacodec analysis tools")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_bd_parser(sub)
-    add_stats_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

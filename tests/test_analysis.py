@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +35,7 @@ from deltacodec.analysis import (  # noqa: E402
     sine_product,
     stable_rank,
 )
-from deltacodec.cli_analysis import main as cli_main  # noqa: E402
+from deltacodec.cli import main as cli_main  # noqa: E402
 from deltacodec.errors import SldError  # noqa: E402
 
 PAPER_CSV = REPO / "benchmarks" / "data" / "paper_table1.csv"
@@ -374,19 +375,29 @@ def _env() -> dict:
     return env
 
 
-def sld(*args: str) -> subprocess.CompletedProcess:
+def sld(*args: str) -> SimpleNamespace:
+    """``sld ARGS`` in this process, as (returncode, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(args))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def sld_process(*args: str) -> subprocess.CompletedProcess:
+    """``sld ARGS`` through the real entry point."""
     return subprocess.run(
-        [sys.executable, "-m", "deltacodec.cli_analysis", *args],
+        [sys.executable, "-m", "deltacodec.cli", *args],
         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120,
     )
 
 
-def assert_one_line_error(r: subprocess.CompletedProcess, verb: str, pattern: str = "") -> None:
-    assert r.returncode != 0
+def assert_one_line_error(r, pattern: str = "") -> None:
+    """The convention of every verb: exit 1, one line ``sld: error: ...``, no traceback."""
+    assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"sld {verb}: error: ")
+    assert lines[0].startswith("sld: error: ")
     assert pattern in lines[0]
 
 
@@ -412,11 +423,11 @@ def test_cli_bd_json_with_explicit_anchor_and_method():
 
 
 def test_cli_bd_bad_inputs_give_one_line_errors(tmp_path):
-    assert_one_line_error(sld("bd", str(tmp_path / "nope.csv")), "bd", "cannot read")
+    assert_one_line_error(sld("bd", str(tmp_path / "nope.csv")), "cannot read")
     bad = tmp_path / "bad.csv"
     bad.write_text("method,group,rate,quality\nA,1,1,1\nA,1,2,2\nA,1,2,3\nB,1,1,1\nB,1,2,2\nB,1,3,3\n")
-    assert_one_line_error(sld("bd", str(bad)), "bd", "group '1', method 'A'")
-    assert_one_line_error(sld("bd", str(PAPER_CSV), "--anchor", "DoRA"), "bd", "anchor 'DoRA'")
+    assert_one_line_error(sld("bd", str(bad)), "group '1', method 'A'")
+    assert_one_line_error(sld("bd", str(PAPER_CSV), "--anchor", "DoRA"), "anchor 'DoRA'")
     r = sld("bd", str(PAPER_CSV), "--method", "linear")
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
 
@@ -431,7 +442,7 @@ def test_cli_bd_skip_bad_prints_warnings_and_remaining_rows(tmp_path):
     )
     r = sld("bd", str(f), "--skip-bad")
     assert r.returncode == 0, r.stderr
-    assert "sld bd: warning: group '2', method 'B': duplicate rate 2" in r.stderr
+    assert "sld: warning: group '2', method 'B': duplicate rate 2" in r.stderr
     assert "Traceback" not in r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("1 ", "2 "))]
     assert len(rows) == 1 and rows[0].startswith("1 ")
@@ -555,7 +566,7 @@ def test_cli_stats_errors_are_one_line(fake_reader, monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(deltacodec, "read_adapter", lambda p: adapter, raising=False)
     assert cli_main(["stats", str(sld_path), "--source", str(adapter_dir)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["sld stats: error: module 'up_proj' is in " + str(sld_path) + " but not in the --source adapter"]
+    assert err == ["sld: error: module 'up_proj' is in " + str(sld_path) + " but not in the --source adapter"]
     assert cli_main(["stats", str(tmp_path / "missing.sld")]) == 1
     assert "no such file" in capsys.readouterr().err
 
@@ -564,36 +575,30 @@ def test_cli_stats_errors_are_one_line(fake_reader, monkeypatch, capsys, tmp_pat
 
     monkeypatch.setattr(deltacodec, "load", broken, raising=False)
     assert cli_main(["stats", str(sld_path)]) == 1
-    assert capsys.readouterr().err.strip() == f"sld stats: error: {sld_path}: bad magic b'XXXX'"
+    assert capsys.readouterr().err.strip() == f"sld: error: {sld_path}: bad magic b'XXXX'"
 
 
-def test_cli_stats_subprocess_with_injected_fake_reader(tmp_path):
-    sld_path = tmp_path / "a.sld"
-    sld_path.write_bytes(b"\0" * 100)
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(REPO / 'tests')!r})
-        import deltacodec
-        import test_analysis as t
-        fake, adapter = t.make_fake()
-        deltacodec.load = lambda p: fake
-        deltacodec.read_adapter = lambda p: adapter
-        from deltacodec.cli_analysis import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
-    cmd = [sys.executable, "-c", script, "stats", str(sld_path), "--source", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "q_proj" in r.stdout and "whole-adapter relative weight error" in r.stdout
-    r = subprocess.run(cmd[:-2] + ["--source", str(tmp_path / "nope")], capture_output=True, text=True,
-                       env=_env(), cwd=REPO, timeout=120)
-    assert_one_line_error(r, "stats", "--source")
+def test_cli_stats_text_with_source_and_a_missing_source(fake_reader, capsys, tmp_path):
+    sld_path, adapter_dir = fake_reader
+    assert cli_main(["stats", str(sld_path), "--source", str(adapter_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "whole-adapter relative weight error" in out
+    assert cli_main(["stats", str(sld_path), "--source", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"sld: error: --source {tmp_path / 'nope'}: no such file or directory\n"
+
+
+def test_cli_stats_warns_about_source_modules_missing_from_the_file(fake_reader, capsys, monkeypatch):
+    sld_path, adapter_dir = fake_reader
+    fake, adapter = make_fake()
+    fake.modules = fake.modules[:1]
+    monkeypatch.setattr(deltacodec, "load", lambda p: fake, raising=False)
+    assert cli_main(["stats", str(sld_path), "--source", str(adapter_dir)]) == 0
+    assert capsys.readouterr().err == f"sld: warning: 1 module(s) of --source are not in {sld_path}: up_proj\n"
 
 
 def test_cli_stats_missing_file_subprocess_is_one_line_error(tmp_path):
-    assert_one_line_error(sld("stats", str(tmp_path / "x.sld")), "stats", "no such file")
+    assert_one_line_error(sld_process("stats", str(tmp_path / "x.sld")), "no such file")
 
 
 @pytest.mark.parametrize("sine", [False, True])
