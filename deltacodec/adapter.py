@@ -242,15 +242,24 @@ def _delta_peaks(A: np.ndarray, B: np.ndarray, omega: float | None) -> tuple[flo
 
 def _check_delta_finite(mod: str, A: np.ndarray, B: np.ndarray, scale: float, omega: float | None,
                         gamma: float | None, path: str) -> None:
-    """Refuse a module whose ΔW (or B@A, or ω·B@A) cannot be finite in float32, where apply
-    forms it. A cheap bound decides almost always; the exact peak is computed only when the
-    bound is beyond float32."""
+    """Refuse a module whose ΔW cannot be finite in float32, where apply forms it.
+
+    B@A is summed in float32 in an order apply's backend chooses, so every partial sum must be
+    finite: the bound Σ_k |B_ik|·max_j|A_kj| must be. The factors applied after it (scale, ω,
+    1/γ) are checked on the exact peak when the bound alone would overflow, so a large scale
+    on a small product is not refused for the bound's slack.
+    """
     bound = _product_bound(A, B)
+    if not _f32_finite(bound):
+        raise AdapterError(
+            f"{path}: module '{mod}': the terms of B@A add up to {bound:.3g} (Σ_k |B_ik|·|A_kj|): beyond "
+            "float32, where apply forms B@A"
+        )
     if omega is None:
-        if _f32_finite(bound) and _f32_finite(bound * abs(scale)):
+        if _f32_finite(bound * abs(scale)):
             return
         peak, _ = _delta_peaks(A, B, None)
-        if _f32_finite(peak) and _f32_finite(peak * abs(scale)):
+        if _f32_finite(peak * abs(scale)):
             return
         raise AdapterError(
             f"{path}: module '{mod}': ΔW = scale·B@A reaches {peak * abs(scale):.3g} (scale {scale:.6g}, "
@@ -292,7 +301,7 @@ def _group_factors(
     module name and a file holding factors of more than one adapter.
     """
     groups: dict[str, dict[str, tuple[str, np.ndarray, str]]] = {}
-    by_tag: dict[str | None, list[str]] = {}
+    keys_by_tag: dict[str, dict[str | None, list[str]]] = {}  # module -> adapter name -> keys
     extras: dict[str, tuple[np.ndarray, str]] = {}
     for key, (arr, dt) in tensors.items():
         m = _FACTOR_KEY.match(key)
@@ -301,14 +310,19 @@ def _group_factors(
             continue
         if m["mod"] is None:
             raise AdapterError(f"{path}: tensor {show_name(key)} is named like a LoRA factor but names no module")
-        by_tag.setdefault(m["adapter"], []).append(key)
+        keys_by_tag.setdefault(m["mod"], {}).setdefault(m["adapter"], []).append(key)
         groups.setdefault(m["mod"], {})[m["ab"]] = (key, arr, dt)
-    if len(by_tag) > 1:
-        names = sorted("(unnamed)" if t is None else f"'{t}'" for t in by_tag)
-        examples = [sorted(keys)[0] for _, keys in sorted(by_tag.items(), key=lambda kv: kv[0] or "")]
+    tags = {tag for by_tag in keys_by_tag.values() for tag in by_tag}
+    if len(tags) > 1:
+        both = next((by for by in keys_by_tag.values() if len(by) > 1), None)
+        if both is not None:  # one module, several adapters: list its keys
+            shown = sorted(k for ks in both.values() for k in ks)
+        else:  # several adapters on different modules: one key of each
+            shown = sorted(next(ks[0] for by in keys_by_tag.values() for t, ks in by.items() if t == tag) for tag in tags)
+        names = sorted("(unnamed)" if t is None else f"'{t}'" for t in tags)
         raise AdapterError(
-            f"{path}: holds LoRA factors of several adapters ({', '.join(names)}; e.g. {preview(examples)}): "
-            "an .sld holds one adapter; save each on its own with "
+            f"{path}: holds LoRA factors of several adapters ({', '.join(names)}): {preview(shown, limit=4)}; "
+            "an .sld holds one adapter: save each on its own with "
             "PeftModel.save_pretrained(dir, selected_adapters=[name])"
         )
     pairs: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
@@ -391,7 +405,7 @@ def read_adapter(
     src = os.fspath(src)
     wfile, cfg_path = _resolve_files(src)
     config = read_config_file(cfg_path) if cfg_path else None
-    cfg_where = cfg_path or src
+    cfg_where = cfg_path if config is not None else src
     if wfile.endswith(".safetensors"):
         tensors, st_meta = _load_safetensors(wfile)
     else:
@@ -407,7 +421,10 @@ def read_adapter(
     if not pairs and not nonlinear:
         names = sorted(tensors)
         model = "" if any("lora_" in k for k in names) else ": this looks like a model, not an adapter"
-        raise AdapterError(f"{wfile}: no lora_A/lora_B pairs{model} ({len(names)} tensors: {preview(names, limit=3)})")
+        raise AdapterError(
+            f"{wfile}: no lora_A/lora_B pairs{model} ({len(names)} tensor{'s' if len(names) != 1 else ''}: "
+            f"{preview(names, limit=3)})"
+        )
     for key, (arr, _) in tensors.items():
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
@@ -441,8 +458,9 @@ def read_adapter(
             )
         scale = a / (math.sqrt(r) if st.use_rslora else r)
         if not _f32_finite(scale):
+            origin, what = st.alpha_origin(short)
             raise AdapterError(
-                f"{cfg_where}: module '{mod}': scale = lora_alpha / {'√r' if st.use_rslora else 'r'} = {scale:.3g} "
+                f"{origin}: module '{mod}': scale = {what} / {'√r' if st.use_rslora else 'r'} = {scale:.3g} "
                 "is beyond float32"
             )
         A32, B32 = _as_float32(ka, A, wfile), _as_float32(kb, B, wfile)

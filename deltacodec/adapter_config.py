@@ -133,10 +133,13 @@ def parse_config(data: str | bytes, where: str) -> dict[str, Any]:
 
 
 def _path(parent: str, key: Any) -> str:
+    """A value's place in the config for messages: rank_pattern.q_proj, target_modules[2], and
+    ["..."] (JSON-quoted, escaped) for a key that is empty or holds . [ ] ' or unprintables."""
     if isinstance(key, int):
         return f"{parent}[{key}]"
-    k = key if key.isprintable() and "'" not in key else repr(key)[1:-1]
-    return f"{parent}.{k}" if parent else k
+    if key and key.isprintable() and not any(c in key for c in ".[]'"):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{json.dumps(key, ensure_ascii=True)}]"
 
 
 def check_tree(config: dict[str, Any], where: str) -> None:
@@ -290,6 +293,7 @@ class AdapterSettings:
     """
 
     where: str
+    src: str
     config: dict[str, Any]
     has_config: bool
     r: int | None = None
@@ -319,6 +323,15 @@ class AdapterSettings:
             return self.alpha
         key = pattern_key(self.alpha_pattern, self._alpha_keys, module)
         return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def alpha_origin(self, module: str) -> tuple[str, str]:
+        """(where, what) the alpha of ``module`` came from, for messages."""
+        if self.alpha_override:
+            return self.src, "alpha (given)"
+        key = pattern_key(self.alpha_pattern, self._alpha_keys, module)
+        if key is not None:
+            return self.where, f"'alpha_pattern' entry {show_name(key)}"
+        return self.where, "'lora_alpha'"
 
     def pattern_work(self) -> int:
         """NFA state visits spent matching pattern keys so far (bounded; for tests)."""
@@ -369,7 +382,7 @@ def resolve_settings(
 
     cfg = config if config is not None else {}
     k = _Keys(cfg, where)
-    s = AdapterSettings(where=where, config=cfg, has_config=config is not None)
+    s = AdapterSettings(where=where, src=src, config=cfg, has_config=config is not None)
 
     peft_type = k.string("peft_type", _PEFT_TYPES, optional=False) or "LORA"
     s.r = k.integer("r", 1)
