@@ -128,9 +128,18 @@ class KeyMatcher:
         needed = self._size(parsed.data, 0)
         if needed > MAX_STATES:
             raise PatternError(f"expands to more than {MAX_STATES} matcher states (counted repeats too large)")
-        accept = self._new(_State("accept"))
-        self.start = self._build(parsed.data, accept, flags)
+        self._accept = self._new(_State("accept"))
+        self.start = self._build(parsed.data, self._accept, flags)
         self._word = re.compile(r"\w", flags & re.ASCII)
+        self._fixed = self._fixed_key(parsed)
+        # A lazily built DFA (sets of NFA states, memoised per character) serves every name
+        # without a newline, as long as no assertion depends on more than "at the end or not":
+        # word boundaries and multi-line anchors look at neighbouring characters.
+        self._cacheable = all(
+            st.kind != "assert" or (st.at not in (_sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY) and not st.flags & re.MULTILINE)
+            for st in self._states
+        )
+        self._dfa: dict[tuple[frozenset[int], str, bool], frozenset[int]] = {}
 
     @property
     def nstates(self) -> int:
@@ -224,6 +233,8 @@ class KeyMatcher:
             if pos == n or (pos == n - 1 and name[pos] == "\n"):
                 return True
             return bool(flags & re.MULTILINE) and name[pos] == "\n"
+        if n == 0:  # as in sre: neither \b nor \B holds in an empty string
+            return False
         before = pos > 0 and self._word.match(name[pos - 1]) is not None
         after = pos < n and self._word.match(name[pos]) is not None
         if at is _sre.AT_BOUNDARY:
@@ -253,18 +264,56 @@ class KeyMatcher:
                 out.add(s)
         return out
 
+    @staticmethod
+    def _fixed_key(parsed: object) -> list[str | None] | None:
+        """For a key of plain characters and ``.`` only (a module path, the common case), the
+        key as a list of characters (None for ``.``); else None."""
+        data = list(parsed.data)  # type: ignore[attr-defined]
+        # Expected: [(.*\.)?, (SUBPATTERN, (2, add, del, key items)), (AT, AT_END)]; a key such
+        # as "a)|(b" parses to something else and takes the general path.
+        if len(data) != 3 or data[1][0] is not _sre.SUBPATTERN or data[2] != (_sre.AT, _sre.AT_END):
+            return None
+        _, add, remove, items = data[1][1]
+        if add or remove or parsed.state.flags & ~re.UNICODE:  # type: ignore[attr-defined]
+            return None
+        if not all(op is _sre.LITERAL or op is _sre.ANY for op, _ in items):
+            return None
+        return [chr(av) if op is _sre.LITERAL else None for op, av in items]
+
+    def _step(self, current: frozenset[int], ch: str, name: str, pos: int) -> frozenset[int]:
+        moved = [self._states[s].outs[0] for s in current if self._states[s].kind == "char" and self._states[s].test(ch)]  # type: ignore[misc]
+        self.steps += len(current)
+        return frozenset(self._closure(moved, name, pos + 1)) if moved else frozenset()
+
     def matches(self, name: str) -> bool:
         """``re.match(rf"(.*\\.)?({key})$", name) is not None``, without backtracking."""
-        current = self._closure([self.start], name, 0)
-        for pos, ch in enumerate(name):
-            if any(self._states[s].kind == "accept" for s in current):
-                return True
-            moved = [self._states[s].outs[0] for s in current if self._states[s].kind == "char" and self._states[s].test(ch)]  # type: ignore[misc]
-            self.steps += len(current)
-            if not moved:
+        newline = "\n" in name
+        if self._fixed is not None and not newline:
+            # (.*\.)?(key)$: the key matches the name's tail, and what precedes it is empty or
+            # ends with a dot (.* crosses no newline, and there is none).
+            k = len(self._fixed)
+            self.steps += k
+            if k > len(name) or (k < len(name) and name[-k - 1] != "."):
                 return False
-            current = self._closure(moved, name, pos + 1)
-        return any(self._states[s].kind == "accept" for s in current)
+            return all(c is None or c == d for c, d in zip(self._fixed, name[len(name) - k:]))
+        current = frozenset(self._closure([self.start], name, 0))
+        cached = self._cacheable and not newline
+        if len(self._dfa) > 4 * MAX_STATES:  # bound the memo; each miss costs O(states) again
+            self._dfa.clear()
+        for pos, ch in enumerate(name):
+            if self._accept in current:
+                return True
+            if cached:
+                key = (current, ch, pos + 1 == len(name))
+                nxt = self._dfa.get(key)
+                if nxt is None:
+                    nxt = self._dfa[key] = self._step(current, ch, name, pos)
+            else:
+                nxt = self._step(current, ch, name, pos)
+            if not nxt:
+                return False
+            current = nxt
+        return self._accept in current
 
 
 def compile_key(key: str) -> KeyMatcher:

@@ -214,6 +214,21 @@ def test_key_matcher_agrees_with_python_re_on_ordinary_patterns(key, name):
     assert KeyMatcher(key).matches(name) == (re.match(rf"(.*\.)?({key})$", name) is not None)
 
 
+_anchored = st.tuples(
+    st.sampled_from(["", "^", "\\A", "(?m:^)", "\\b", "\\B", "(?s:.)"]), _alts,
+    st.sampled_from(["", "$", "\\Z", "(?m:$)", "\\b", "\\n", "\\B"]),
+).map("".join)
+
+
+@given(key=_anchored.filter(_valid), name=st.text(alphabet="ab.q_\n 0", max_size=12))
+def test_key_matcher_agrees_with_python_re_on_anchors_and_newlines(key, name):
+    # Names never hold a newline once read (they must be printable), but the matcher is exact
+    # anyway: this runs the uncached NFA, the anchors and the trailing-newline rule of $.
+    m = KeyMatcher(key)
+    assert m.matches(name) == (re.match(rf"(.*\.)?({key})$", name) is not None)
+    assert m.matches(name) == (re.match(rf"(.*\.)?({key})$", name) is not None)  # memoised path again
+
+
 @pytest.fixture(scope="module")
 def get_pattern_key():
     return pytest.importorskip("peft.utils.other").get_pattern_key
