@@ -29,7 +29,7 @@ from .adapter_config import GAMMA_SQRT_IN, AdapterSettings, parse_config, read_c
 from .errors import AdapterError, DeltacodecWarning, preview
 from .format import MAX_DIM, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL
 
-__all__ = ["AdapterModule", "Adapter", "read_adapter", "write_adapter", "GAMMA_SQRT_IN"]
+__all__ = ["AdapterModule", "Adapter", "read_adapter", "write_adapter", "check_tensor_name", "GAMMA_SQRT_IN"]
 
 _PEFT_PREFIX = "base_model.model."
 # A LoRA factor's key: <module>.lora_A[.<adapter name>].weight. The adapter name is there in a
@@ -99,8 +99,11 @@ def _one_line(exc: BaseException) -> str:
     return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
 
 
-def _check_name(key: Any, path: str) -> str:
-    """A tensor name an .sld file can hold and a terminal can print."""
+def check_tensor_name(key: Any, path: str) -> str:
+    """``key`` if it is a tensor name an .sld file can hold and a terminal can print: a
+    non-empty str of at most MAX_NAME_BYTES UTF-8 bytes, every character printable (no
+    control, format or line-separator characters). Else an AdapterError naming ``path``.
+    The writer can apply the same rule to an in-memory Adapter."""
     if not isinstance(key, str):
         raise AdapterError(f"{path}: a tensor is keyed by {show_name(key)}, expected a string name")
     if not key:
@@ -155,7 +158,7 @@ def _load_safetensors(path: str) -> tuple[dict[str, tuple[np.ndarray, str]], dic
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-            keys = [_check_name(k, path) for k in f.keys()]
+            keys = [check_tensor_name(k, path) for k in f.keys()]
             for k in keys:
                 sl = f.get_slice(k)
                 # Checked from the header before the data is touched: a non-float or oversized
@@ -181,7 +184,7 @@ def _load_bin(path: str) -> dict[str, tuple[np.ndarray, str]]:
         raise AdapterError(f"{path}: expected a state dict (a map of name to tensor), got {type(sd).__name__}")
     out: dict[str, tuple[np.ndarray, str]] = {}
     for k, v in sd.items():
-        _check_name(k, path)
+        check_tensor_name(k, path)
         if not isinstance(v, torch.Tensor):
             raise AdapterError(
                 f"{path}: entry {show_name(k)} is a {type(v).__name__}, expected a tensor (a flat state dict)"

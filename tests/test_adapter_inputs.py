@@ -301,6 +301,10 @@ def test_rank_and_alpha_patterns_apply_per_module_first_match_wins(tmp_path):
     a = quiet_read(write_dir(tmp_path / "a", tensors=t, config=cfg))
     by = {m.name.split(".")[-1]: m for m in a.modules}
     assert by["q_proj"].scale == 6 / 2 and by["down_proj"].scale == 6 / 4
+    # an alpha given by the caller overrides the config, its patterns included
+    a = quiet_read(write_dir(tmp_path / "b", tensors=t, config=cfg), alpha=12)
+    by = {m.name.split(".")[-1]: m for m in a.modules}
+    assert by["q_proj"].scale == 12 / 2 and by["down_proj"].scale == 12 / 4
 
 
 # ----------------------------------------------------------------------------------------------
