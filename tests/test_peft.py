@@ -128,3 +128,69 @@ def test_sinlora_reference_directory_encode_inspect_decode(tmp_path):
     cfg = json.loads((tmp_path / "dec" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "SINLORA" and cfg["freq"] == 200.0
     assert cfg["deltacodec"] == {"omega": 200.0, "gamma": "sqrt-in"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The strict reader against PEFT itself: what PEFT saves reads without a word and means what
+# PEFT's layers compute; what PEFT's layers compute is the reference for every scale.
+
+
+def peft_scales(pm):
+    """module name as saved -> scaling of PEFT's own LoRA layer."""
+    out = {}
+    for name, mod in pm.named_modules():
+        if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling:
+            out[name] = mod.scaling["default"]
+    return out
+
+
+@pytest.mark.parametrize(
+    "lora_kw",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"q_proj": 4, r"layers\.1\..*v_proj": 2}, "alpha_pattern": {"down_proj": 32, "k_proj|v_proj": 3}},
+        {"rank_pattern": {"^model.layers.0.self_attn.q_proj": 2}, "use_rslora": True, "lora_alpha": 5},
+        {"modules_to_save": ["lm_head"], "bias": "none", "lora_dropout": 0.1},
+    ],
+    ids=["plain", "rslora", "patterns", "anchored-pattern-rslora", "modules_to_save"],
+)
+def test_peft_saved_configs_read_silently_with_peft_scales(tmp_path, lora_kw):
+    import warnings
+
+    kw = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS, "init_lora_weights": False, **lora_kw}
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kw))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", deltacodec.DeltacodecWarning)
+        a = deltacodec.read_adapter(str(tmp_path / "ad"))
+    want = peft_scales(pm)
+    assert len(a.modules) == len(want) == 2 * len(TARGETS)
+    for m in a.modules:
+        assert m.scale == pytest.approx(want[m.name], rel=1e-15), m.name
+        assert m.rank == pm.get_submodule(m.name).r["default"]
+    if "modules_to_save" in lora_kw:
+        assert any(k.endswith("lm_head.weight") for k in a.extras)
+
+
+def test_a_peft_model_state_dict_with_two_adapters_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    pm.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    d = tmp_path / "raw"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in pm.state_dict().items()}, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(deltacodec.AdapterError, match="several adapters.*'default'.*'other'.*selected_adapters"):
+        deltacodec.read_adapter(str(d))
+
+
+def test_a_model_checkpoint_is_refused_as_a_model(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(deltacodec.AdapterError, match="no lora_A/lora_B pairs: this looks like a model") as info:
+        deltacodec.encode(str(tmp_path / "model.safetensors"), out=str(tmp_path / "m.sld"))
+    assert "--alpha" not in str(info.value) and not (tmp_path / "m.sld").exists()
