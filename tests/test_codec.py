@@ -296,9 +296,9 @@ def test_torch_bin_adapters_load_weights_only(tmp_path):
 def test_encode_is_deterministic(tmp_path):
     d = tmp_path / "a"
     make_adapter(d, config={"peft_type": "SINLORA", "freq": 120.0})
-    for bits in (1, 3, 8):
-        a = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "x.sld"))
-        b = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "y.sld"))
+    for bits in (1, 3, 8):  # force: x.sld and y.sld are replaced on each round
+        a = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "x.sld"), force=True)
+        b = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "y.sld"), force=True)
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
