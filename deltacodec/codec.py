@@ -235,7 +235,8 @@ _FLOAT_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38}
 
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) of float32 values, rounded to nearest, ties to even (as
-    torch's ``.to(torch.bfloat16)``); any NaN becomes the quiet NaN 0x7FC0, as in torch."""
+    torch's ``.to(torch.bfloat16)``, bit for bit on every finite value and ±inf); a NaN becomes
+    the quiet NaN 0x7FC0."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     # Adding 0x7FFF plus the lowest kept bit rounds half to even; uint32 cannot overflow for a
     # finite value (at most 0xFF7FFFFF + 0x8000) and NaNs are replaced below.
@@ -253,7 +254,8 @@ def _to_dtype(values: np.ndarray, dtype: str, where: str) -> np.ndarray:
     if dtype == "F32":
         return x
     if dtype == "F16":
-        y = x.astype(np.float16)
+        with np.errstate(over="ignore"):  # reported below, as a DecodeError
+            y = x.astype(np.float16)
         over = np.isinf(y)
     else:
         y = float32_to_bfloat16_bits(x)
