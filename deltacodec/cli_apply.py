@@ -207,8 +207,8 @@ def _plan(lay: _Layout, headers: dict[str, StHeader], f: SldFile) -> dict[str, d
         for e in h.entries:
             if e.name in where:
                 raise ApplyError(
-                    f"{lay.base}: tensor '{e.name}' is in two shards, {where[e.name][0]} and {rel}; "
-                    "a loader would read only one of them"
+                    f"{lay.base}: tensor '{e.name}' is in two shards, {_shard_path(lay, where[e.name][0])} and "
+                    f"{_shard_path(lay, rel)}; a loader would read only one of them"
                 )
             where[e.name] = (rel, e)
     plan: dict[str, dict[str, Any]] = {rel: {} for rel in lay.shards}
