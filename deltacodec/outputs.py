@@ -158,6 +158,8 @@ def check_output(
         why = _overlap(path, targets, os.fspath(inp))
         if why:
             raise OutputError(why)
+    if kind == "file" and path.endswith(("/", os.sep)):
+        raise OutputError(f"{path}: ends with '/', which names a directory; expected a file path")
     exists = os.path.lexists(entry)
     is_dir = os.path.isdir(entry)
     if exists:

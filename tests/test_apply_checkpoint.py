@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 import deltacodec
 from deltacodec import ApplyError, OutputError, SldError, SldFormatError, SldLimitError
 from deltacodec.cli_apply import INDEX_NAME, apply_checkpoint
-from deltacodec.outputs import TEMP_PREFIX
 
 import sldtools
 from test_codec import make_adapter

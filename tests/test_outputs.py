@@ -10,7 +10,6 @@ point it announces, never by timing.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import signal
@@ -170,6 +169,13 @@ def test_an_output_of_the_other_kind_is_refused_even_with_force(tree):
         with pytest.raises(OutputError, match="not a directory"):
             deltacodec.decode("D/F.sld", "plain.txt", force=force)
     assert listing(tree) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_output_with_a_trailing_slash_is_refused(tree, force):
+    with pytest.raises(OutputError, match="names a directory"):
+        deltacodec.encode("A", bits=2, out="new/", force=force)
+    assert not (tree / "new").exists()
 
 
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tree):
