@@ -86,7 +86,9 @@ def _walk(base: str) -> _Layout:
                     try:
                         st = os.stat(entry.path)
                     except OSError:
-                        raise ApplyError(f"{base}: '{rel}' is a broken symbolic link") from None
+                        raise ApplyError(
+                            f"{base}: '{rel}' is a broken symbolic link (its target is missing, or links loop)"
+                        ) from None
                     target = os.path.realpath(entry.path)
                     if stat.S_ISREG(st.st_mode):
                         lay.files[rel] = entry.path

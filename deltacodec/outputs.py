@@ -468,9 +468,14 @@ class Stage:
     def copy(self, src: str, rel: str) -> str:
         """Copy the content of ``src`` (a symlink is followed) to ``rel``, with its mode bits."""
         p = self._abs(rel)
-        with open(src, "rb") as fin, self.open(rel) as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        shutil.copyfile(src, p)  # the kernel's copy (sendfile) where there is one: shards are GBs
         shutil.copymode(src, p)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return p
 
     def symlink(self, target: str, rel: str) -> str:

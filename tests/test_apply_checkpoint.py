@@ -212,6 +212,7 @@ def test_directory_links_inside_base_are_recreated_and_others_refused(tmp_path, 
     cases = {
         "outside": lambda b: os.symlink(str(outside), b / "ext"),
         "dangling": lambda b: os.symlink("nothing-here", b / "gone"),
+        "loop": lambda b: (os.symlink("l2", b / "l1"), os.symlink("l1", b / "l2")),
         "fifo": lambda b: os.mkfifo(b / "pipe"),
     }
     for i, (what, make) in enumerate(cases.items()):
