@@ -496,27 +496,64 @@ def write_adapter(
     out: str | os.PathLike[str],
     tensors: dict[str, Any],
     config: dict[str, Any],
+    *,
+    force: bool = False,
+    inputs: Any = (),
+    progress: Any = None,
 ) -> list[str]:
-    """Write torch tensors in PEFT layout; returns the paths written.
+    """Write an adapter in PEFT layout; returns the paths written.
 
-    ``out`` ending in ``.safetensors``: one file, the config in its metadata under
-    ``adapter_config``. Otherwise a directory with ``adapter_model.safetensors`` and
-    ``adapter_config.json``. Each file goes through a temp file and a rename.
+    ``tensors`` maps names to numpy arrays, torch tensors (bfloat16 included), or
+    :class:`deltacodec.safetensors_io.TensorSpec` (values produced on demand: written one tensor
+    at a time, so peak memory is one tensor). ``out`` ending in ``.safetensors``: one file, the
+    config in its metadata under ``adapter_config``. Otherwise a directory with
+    ``adapter_model.safetensors`` and ``adapter_config.json``, built beside ``out`` and renamed
+    into place whole. An existing ``out`` is refused unless ``force``; one that is, lies inside
+    or contains any of ``inputs`` (paths) is refused even with ``force`` (:class:`OutputError`).
+    ``progress(i, n, name)`` is called before each tensor is written.
     """
-    from safetensors.torch import save as st_save
+    from .errors import OutputError
+    from .outputs import atomic_file, staged_directory
+    from .safetensors_io import TensorSpec, write_safetensors
 
-    from .format import atomic_write
-
+    st_dtypes = {
+        "f8": "F64", "f4": "F32", "f2": "F16", "i8": "I64", "i4": "I32", "i2": "I16", "i1": "I8",
+        "u8": "U64", "u4": "U32", "u2": "U16", "u1": "U8", "b1": "BOOL",
+    }
     out = os.fspath(out)
-    cfg_json = json.dumps(config, indent=2, sort_keys=True)
+    try:
+        cfg_json = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise OutputError(f"{out}: the adapter config cannot be written as JSON: {exc}") from None
+
+    def spec(name: str, t: Any) -> TensorSpec:
+        if isinstance(t, TensorSpec):
+            return t
+        dtype = None
+        if type(t).__module__.split(".")[0] == "torch":
+            t = t.detach().to("cpu").contiguous()
+            if str(t.dtype) == "torch.bfloat16":
+                import torch
+
+                arr, dtype = t.view(torch.int16).numpy().view("<u2"), "BF16"
+            else:
+                arr = t.numpy()
+        else:
+            arr = np.asarray(t)
+        if dtype is None:
+            dtype = st_dtypes.get(arr.dtype.str[1:])
+            if dtype is None:
+                raise OutputError(f"{out}: tensor '{name}' has dtype {arr.dtype}, which safetensors cannot hold here")
+        return TensorSpec(dtype, tuple(arr.shape), lambda arr=arr: [arr])
+
+    specs = {name: spec(name, t) for name, t in tensors.items()}
     if out.endswith(".safetensors"):
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        atomic_write(out, st_save(tensors, metadata={"adapter_config": cfg_json, "format": "pt"}))
+        with atomic_file(out, inputs=inputs, force=force) as fh:
+            write_safetensors(fh, specs, {"adapter_config": cfg_json, "format": "pt"}, progress=progress)
         return [out]
-    os.makedirs(out, exist_ok=True)
-    wpath = os.path.join(out, "adapter_model.safetensors")
-    cpath = os.path.join(out, "adapter_config.json")
-    atomic_write(wpath, st_save(tensors, metadata={"format": "pt"}))
-    atomic_write(cpath, (cfg_json + "\n").encode())
-    return [wpath, cpath]
+    with staged_directory(out, inputs=inputs, force=force) as stage:
+        with stage.open("adapter_model.safetensors") as fh:
+            write_safetensors(fh, specs, {"format": "pt"}, progress=progress)
+        with stage.open("adapter_config.json") as fh:
+            fh.write((cfg_json + "\n").encode())
+    return [os.path.join(out, "adapter_model.safetensors"), os.path.join(out, "adapter_config.json")]

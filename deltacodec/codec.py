@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from typing import Any, Callable
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from . import __version__ as _version
 from .adapter import GAMMA_SQRT_IN, Adapter, AdapterModule, read_adapter, write_adapter
 from .entropy import DEFAULT_LEVEL, MAX_LEVEL, compress
-from .errors import EncodeError, SldFormatError
-from .format import SldFile, atomic_write, build_container
+from .errors import DecodeError, DeltacodecWarning, EncodeError
+from .format import SldFile, TensorEntry, build_container
+from .outputs import check_output, write_bytes
 from .pack import default_width, pack_indices, packed_nbytes
 from .quantize import QUANTIZERS, quantize
+from .safetensors_io import TensorSpec
 
-__all__ = ["encode", "decode", "load", "default_output", "Progress"]
+__all__ = ["encode", "decode", "load", "default_output", "decoded_config", "float32_to_bfloat16_bits", "Progress"]
 
 Progress = Callable[[int, int, str], None]
 PASSTHROUGH_BITS = 16
@@ -110,6 +115,7 @@ def encode(
     quantizer: str = "kmeans",
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> str:
     """Encode an adapter into an ``.sld`` file and return its path.
 
@@ -119,6 +125,10 @@ def encode(
     ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to store packed indices without the
     entropy stage. Tensors that are not lora_A/lora_B pairs are stored losslessly. The file is
     written atomically; the same input and options give byte-identical output.
+
+    An existing ``out`` is refused unless ``force``; an ``out`` that is or lies inside the input
+    (or its ``adapter_config.json``) is refused even with ``force`` (:class:`OutputError`,
+    raised before any work is done).
     """
     if not (1 <= bits <= 8 or bits == PASSTHROUGH_BITS):
         raise EncodeError(f"bits must be 1..8 or 16, got {bits}")
@@ -130,9 +140,11 @@ def encode(
         adapter = src
         if out is None:
             raise EncodeError("out is required when encoding an in-memory Adapter")
-    else:
-        adapter = read_adapter(src, omega=omega, gamma=gamma, alpha=alpha)
     out = os.fspath(out) if out is not None else default_output(src)
+    inputs = _encode_inputs(src)
+    check_output(out, inputs, force=force, kind="file")  # before the slow part
+    if not isinstance(src, Adapter):
+        adapter = read_adapter(src, omega=omega, gamma=gamma, alpha=alpha)
 
     modules = []
     total = len(adapter.modules)
@@ -170,8 +182,19 @@ def encode(
         "base_model": config.get("base_model_name_or_path"),
         "adapter_config": config,
     }
-    atomic_write(out, build_container(metadata, modules, tensors))
+    write_bytes(out, build_container(metadata, modules, tensors), inputs=inputs, force=force)
     return out
+
+
+def _encode_inputs(src: str | os.PathLike[str] | Adapter) -> list[str]:
+    """The paths encode reads: a directory (everything in it), or a weights file and the
+    adapter_config.json beside it; for an in-memory Adapter, the path it was read from."""
+    if isinstance(src, Adapter):
+        return [src.source] if src.source and os.path.exists(src.source) else []
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        return [src]
+    return [src, os.path.join(os.path.dirname(os.path.abspath(src)), "adapter_config.json")]
 
 
 # PEFT keeps these as sets and writes them in hash order, which changes from run to run.
@@ -206,23 +229,170 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_OUT_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_FLOAT_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38}
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float32 values, rounded to nearest, ties to even (as
+    torch's ``.to(torch.bfloat16)``, bit for bit on every finite value and ±inf); a NaN becomes
+    the quiet NaN 0x7FC0."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # Adding 0x7FFF plus the lowest kept bit rounds half to even; uint32 cannot overflow for a
+    # finite value (at most 0xFF7FFFFF + 0x8000) and NaNs are replaced below.
+    out = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _to_dtype(values: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """float32 ``values`` as ``dtype`` (F32, F16, or BF16 bit patterns), each rounded to nearest
+    even; a finite value that the rounding turns into ±inf is a DecodeError, not a weight."""
+    x = np.asarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return x
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # reported below, as a DecodeError
+            y = x.astype(np.float16)
+        over = np.isinf(y)
+    else:
+        y = float32_to_bfloat16_bits(x)
+        over = (y & np.uint16(0x7FFF)) == np.uint16(0x7F80)
+    if over.any():
+        peak = float(np.max(np.abs(x)))
+        name = {"F16": "fp16", "BF16": "bf16"}[dtype]
+        raise DecodeError(
+            f"{where}: max |value| {peak:g} overflows {name} (largest finite {_FLOAT_MAX[dtype]:g}); "
+            f"decode with --dtype fp32{' or bf16' if dtype == 'F16' else ''}"
+        )
+    return y
+
+
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """A losslessly stored tensor in its stored dtype (BF16 was widened exactly to float32)."""
+    if dtype == "BF16":
+        return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    return np.asarray(values, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
+
+
+def _chunks(f: SldFile, e: TensorEntry) -> Iterable[np.ndarray]:
+    """The decoded values of one tensor in row-major pieces (one piece: the whole tensor)."""
+    return [f.tensor(e)]
+
+
+def _plain_config(value: Any) -> dict[str, Any] | None:
+    """A JSON-clean copy of a stored config map, or None when it is not one (not a map, bytes,
+    non-finite numbers, nesting too deep for JSON)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _short(name: str) -> str:
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def _config_problem(cfg: dict[str, Any], f: SldFile) -> str | None:
+    """Why ``cfg`` would not rebuild the file's modules (rank, scale, sine, layout), or None.
+
+    With rank_pattern/alpha_pattern the per-module scale is PEFT's business and is not rechecked.
+    """
+    sine_cfg = (
+        str(cfg.get("peft_type", "LORA")).upper() == "SINLORA"
+        or cfg.get("use_sinelora") is True
+        or (isinstance(cfg.get("deltacodec"), dict) and cfg["deltacodec"].get("omega") is not None)
+    )
+    if f.modules and sine_cfg != any(m.sine for m in f.modules):
+        return f"it describes a {'sine' if sine_cfg else 'plain LoRA'} adapter, the file holds the other kind"
+    for key, types in (("r", int), ("lora_alpha", (int, float)), ("use_rslora", bool), ("fan_in_fan_out", bool)):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)):
+            return f"'{key}' is {v!r}"
+    fifo = bool(cfg.get("fan_in_fan_out", False))
+    for m in f.modules:
+        if m.fan_in_fan_out != fifo:
+            return f"fan_in_fan_out is {fifo}, module '{m.name}' has {m.fan_in_fan_out}"
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        return None
+    r, alpha, rs = cfg.get("r"), cfg.get("lora_alpha"), bool(cfg.get("use_rslora", False))
+    for m in f.modules:
+        if r is not None and r != m.rank:
+            return f"r is {r}, module '{m.name}' has rank {m.rank}"
+        a = float(alpha) if alpha is not None else float(m.rank)
+        want = a / (math.sqrt(m.rank) if rs else m.rank)
+        if not math.isclose(want, m.scale, rel_tol=1e-9):
+            return f"it gives module '{m.name}' scale {want:g}, the file says {m.scale:g}"
+    return None
+
+
+def _config_from_header(f: SldFile) -> dict[str, Any]:
+    """A PEFT LoRA config that rebuilds every module's rank and scale from the header alone:
+    the most common rank and lora_alpha (= scale·rank), rank_pattern/alpha_pattern for the rest."""
+    cfg: dict[str, Any] = {"peft_type": "LORA"}
+    base = f.metadata.get("base_model")
+    if isinstance(base, str):
+        cfg["base_model_name_or_path"] = base
+    if not f.modules:
+        return cfg
+    r = Counter(m.rank for m in f.modules).most_common(1)[0][0]
+    alphas = {m.name: m.scale * m.rank for m in f.modules}
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg.update(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=False,
+        fan_in_fan_out=all(m.fan_in_fan_out for m in f.modules),
+        target_modules=sorted({m.name.rsplit(".", 1)[-1] for m in f.modules}),
+        rank_pattern={_short(m.name): m.rank for m in f.modules if m.rank != r},
+        alpha_pattern={_short(m.name): alphas[m.name] for m in f.modules if alphas[m.name] != alpha},
+    )
+    return cfg
 
 
 def decoded_config(f: SldFile) -> dict[str, Any]:
-    """adapter_config.json for a decoded file: the original config plus ω and γ of sine modules."""
-    cfg = dict(f.metadata.get("adapter_config") or {})
+    """adapter_config.json for a decoded file: the stored config plus ω and γ of sine modules.
+
+    The stored config is metadata, which a reader must not need: when it is missing the config
+    is rebuilt from the header; when it is unusable (not a map, not JSON-clean, or disagreeing
+    with the modules' rank, scale, kind or layout) it is rebuilt too, with a DeltacodecWarning.
+    """
+    stored = f.metadata.get("adapter_config")
+    cfg = _plain_config(stored)
+    why = "it is not a JSON map" if cfg is None else _config_problem(cfg, f)
+    if why is not None:
+        if stored is not None:
+            warnings.warn(
+                f"{f.path}: the stored adapter_config is not usable ({why}); writing one rebuilt from the header",
+                DeltacodecWarning,
+                stacklevel=3,
+            )
+        cfg = _config_from_header(f)
+    assert cfg is not None
+    cfg.pop("deltacodec", None)
+    mixed = sorted({m.fan_in_fan_out for m in f.modules})
+    if len(mixed) > 1:
+        warnings.warn(
+            f"{f.path}: modules differ in fan_in_fan_out; a PEFT config holds one value, the decoded "
+            f"config says {cfg.get('fan_in_fan_out', False)}",
+            DeltacodecWarning,
+            stacklevel=3,
+        )
     sine = [m for m in f.modules if m.sine]
     if sine:
         omegas = {m.omega for m in sine}
         if len(omegas) != 1:
-            raise SldFormatError(f"{f.path}: modules use different ω {sorted(omegas)}; PEFT configs hold one")
+            raise DecodeError(f"{f.path}: modules use different ω {sorted(omegas)}; a PEFT config holds one")
         if all(math.isclose(m.gamma, math.sqrt(m.in_features), rel_tol=1e-12) for m in sine):
             gamma: Any = GAMMA_SQRT_IN
         else:
             gammas = {m.gamma for m in sine}
             if len(gammas) != 1:
-                raise SldFormatError(f"{f.path}: modules use different γ {sorted(gammas)}; PEFT configs hold one")
+                raise DecodeError(f"{f.path}: modules use different γ {sorted(gammas)}; a PEFT config holds one")
             gamma = gammas.pop()
         cfg["deltacodec"] = {"omega": omegas.pop(), "gamma": gamma}
     return cfg
@@ -233,36 +403,47 @@ def decode(
     out: str | os.PathLike[str] | None = None,
     *,
     dtype: str = "fp32",
+    force: bool = False,
+    max_decoded_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
     """Write the dequantized adapter back in PEFT layout; returns the paths written.
 
     ``out`` ending in ``.safetensors`` gives one file (config in its metadata); otherwise a
     directory with ``adapter_model.safetensors`` and ``adapter_config.json`` (default:
-    ``<file>-decoded/`` beside the input). ``dtype`` (fp32, fp16, bf16) applies to lora_A/B;
-    losslessly stored tensors keep their stored dtype.
+    ``<file>-decoded/`` beside the input), which appears whole or not at all. ``dtype`` (fp32,
+    fp16, bf16) applies to lora_A/B, rounded to nearest even; a value the rounding would turn
+    into inf is a :class:`DecodeError` naming the tensor. Losslessly stored tensors keep their
+    stored dtype. Tensors are decoded and written one at a time: peak memory is about one
+    tensor, not the file. Needs no torch, and no metadata (a config is rebuilt from the header
+    when the stored one is missing or unusable). An existing ``out`` is refused unless
+    ``force``; an ``out`` that is the input or contains it is always refused (OutputError).
+    ``max_decoded_bytes`` is passed to :class:`SldFile` (ignored when ``path`` is one).
     """
-    import torch
-
-    if dtype not in _TORCH_DTYPES:
-        raise EncodeError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got '{dtype}'")
-    f = path if isinstance(path, SldFile) else SldFile(path)
+    if dtype not in _OUT_DTYPES:
+        raise DecodeError(f"dtype must be one of {', '.join(_OUT_DTYPES)}, got '{dtype}'")
+    f = path if isinstance(path, SldFile) else SldFile(path, max_decoded_bytes=max_decoded_bytes)
     if out is None:
         out = os.path.splitext(f.path)[0] + "-decoded"
-    tdt = getattr(torch, _TORCH_DTYPES[dtype])
-    tensors: dict[str, Any] = {}
-    total = len(f.modules)
-    for i, m in enumerate(f.modules):
-        if progress:
-            progress(i, total, m.name)
+    out = os.fspath(out)
+    kind = "file" if out.endswith(".safetensors") else "dir"
+    check_output(out, [f.path], force=force, kind=kind)  # before any decoding
+    target = _OUT_DTYPES[dtype]
+    specs: dict[str, TensorSpec] = {}
+
+    def add(e: TensorEntry, spec: TensorSpec) -> None:
+        if e.name in specs:
+            raise DecodeError(f"{f.path}: two tensors would be written as '{e.name}'")
+        specs[e.name] = spec
+
+    for m in f.modules:
         for e in (m.A, m.B):
-            tensors[e.name] = torch.from_numpy(np.asarray(f.tensor(e), dtype=np.float32)).to(tdt)
-    if progress:
-        progress(total, total, "")
+            where = f"{f.path}: tensor '{e.name}'"
+            add(e, TensorSpec(target, e.shape, lambda e=e, w=where: (_to_dtype(c, target, w) for c in _chunks(f, e))))
     for e in f.tensors:
-        t = torch.from_numpy(np.ascontiguousarray(f.tensor(e)))
-        tensors[e.name] = t.to(torch.bfloat16) if e.dtype == "BF16" else t
-    return write_adapter(out, tensors, decoded_config(f))
+        stored = e.dtype or "F32"  # a codebook-coded extra decodes to float32
+        add(e, TensorSpec(stored, e.shape, lambda e=e, d=stored: (_stored(c, d) for c in _chunks(f, e))))
+    return write_adapter(out, specs, decoded_config(f), force=force, inputs=[f.path], progress=progress)
 
 
 def stderr_progress(label: str, quiet: bool = False) -> Progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -296,9 +297,9 @@ def test_torch_bin_adapters_load_weights_only(tmp_path):
 def test_encode_is_deterministic(tmp_path):
     d = tmp_path / "a"
     make_adapter(d, config={"peft_type": "SINLORA", "freq": 120.0})
-    for bits in (1, 3, 8):
-        a = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "x.sld"))
-        b = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "y.sld"))
+    for bits in (1, 3, 8):  # force: x.sld and y.sld are replaced on each round
+        a = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "x.sld"), force=True)
+        b = deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "y.sld"), force=True)
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
@@ -355,3 +356,260 @@ def test_import_deltacodec_does_not_import_torch():
     code = "import sys, deltacodec; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# decode: streamed, torch-free, byte-identical to the torch path, no metadata needed
+
+import struct
+import zlib
+
+import msgpack
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deltacodec import DecodeError, DeltacodecWarning
+from deltacodec.codec import float32_to_bfloat16_bits
+from deltacodec.safetensors_io import TensorSpec, write_safetensors
+
+_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _spec_of(t: torch.Tensor) -> TensorSpec:
+    dt = {v: k for k, v in _TORCH.items()}[t.dtype]
+    arr = t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.numpy()
+    return TensorSpec(dt, tuple(t.shape), lambda: [arr])
+
+
+@given(
+    tensors=st.dictionaries(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12).filter(
+            lambda s: s != "__metadata__"),
+        st.tuples(st.sampled_from(list(_TORCH)), st.lists(st.integers(0, 4), max_size=3), st.integers(0, 2**32 - 1)),
+        min_size=1, max_size=5,
+    )
+)
+def test_streaming_safetensors_writer_is_byte_identical_to_safetensors_save(tensors):
+    import io
+
+    from safetensors.torch import save
+
+    made = {}
+    for name, (dt, shape, seed) in tensors.items():
+        g = torch.Generator().manual_seed(seed)
+        made[name] = (torch.randn(shape, generator=g, dtype=torch.float64) * 100).to(_TORCH[dt])
+    buf = io.BytesIO()
+    write_safetensors(buf, {k: _spec_of(v) for k, v in made.items()}, {"format": "pt"})
+    # one metadata key: safetensors writes its metadata from a hash map, in no fixed order
+    assert buf.getvalue() == save(made, metadata={"format": "pt"})
+
+
+def _torch_path_reference(f, dtype):
+    """What decode wrote before it streamed: every tensor in torch, saved by safetensors."""
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tensors = {}
+    for m in f.modules:
+        for e in (m.A, m.B):
+            tensors[e.name] = torch.from_numpy(np.asarray(f.tensor(e), dtype=np.float32)).to(tdt)
+    for e in f.tensors:
+        t = torch.from_numpy(np.ascontiguousarray(f.tensor(e)))
+        tensors[e.name] = t.to(torch.bfloat16) if e.dtype == "BF16" else t
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("bits", [2, 16])
+def test_decode_is_byte_identical_to_the_torch_path_and_loads_with_safetensors(tmp_path, dtype, bits):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    d = tmp_path / "a"
+    base = make_adapter(d, config={"peft_type": "SINLORA", "freq": 120.0})
+    tt = {k: torch.from_numpy(v) for k, v in base.items()}
+    tt["base_model.model.layers.0.q_proj.lora_magnitude_vector"] = torch.randn(32, dtype=torch.bfloat16)
+    tt["base_model.model.score.weight"] = torch.randn(3, 5, dtype=torch.float16)
+    tt["base_model.model.layers.0.q_proj.lora_B.bias"] = torch.randn(32, dtype=torch.float64)
+    from safetensors.torch import save_file as tsave
+
+    tsave(tt, str(d / "adapter_model.safetensors"))
+    f = deltacodec.load(deltacodec.encode(str(d), bits=bits, out=str(tmp_path / "a.sld")))
+    (w, c) = deltacodec.decode(f, str(tmp_path / "dec"), dtype=dtype)
+    ref = _torch_path_reference(f, dtype)
+    assert open(w, "rb").read() == save(ref, metadata={"format": "pt"})
+    with safe_open(w, framework="pt") as fh:
+        assert set(fh.keys()) == set(ref) and all(torch.equal(fh.get_tensor(k), ref[k]) for k in ref)
+    (p,) = deltacodec.decode(f, str(tmp_path / "one.safetensors"), dtype=dtype)
+    got = load_file(p)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+
+
+def _float32_cases() -> np.ndarray:
+    """Every kind of float32 a rounding can get wrong: halfway cases (ties to even, both
+    parities), just above and below them, subnormals of both formats, values at and past each
+    format's largest finite value, zeros of both signs, and random bit patterns."""
+    rng = np.random.default_rng(0)
+    bits = [rng.integers(0, 0x7F800000, 20000, dtype=np.uint32)]
+    for hi in rng.integers(0, 0x7F80, 2000, dtype=np.uint32):
+        base = hi << np.uint32(16)
+        bits.append(np.array([base | 0x8000, base | 0x7FFF, base | 0x8001, base, base | 0xFFFF], np.uint32))
+    x = np.concatenate(bits).view(np.float32)
+    specials = np.array([0.0, -0.0, 65504, 65519.996, 65520, 1e-8, 6e-8, 3e-8, 2**-24, 2**-25, 1.4e-45, 1e-40,
+                         3.3895313e38, 3.3961776e38, 3.4028235e38, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([x, specials])
+    return np.concatenate([x, -x])
+
+
+def test_bf16_and_fp16_rounding_match_torch_bit_for_bit():
+    x = _float32_cases()
+    # NaN: which NaN pattern torch writes differs between its scalar and vector paths; decode never
+    # sees one (the reader rejects non-finite values), so a NaN need only stay a NaN.
+    nan = np.isnan(x)
+    want_bf16 = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got_bf16 = float32_to_bfloat16_bits(x)
+    np.testing.assert_array_equal(got_bf16[~nan], want_bf16[~nan])
+    assert ((got_bf16[nan] & 0x7F80) == 0x7F80).all() and (got_bf16[nan] & 0x7F).all()
+    want_f16 = torch.from_numpy(x).to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+    with np.errstate(over="ignore"):
+        got_f16 = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(got_f16[~nan], want_f16[~nan])
+    assert np.isnan(got_f16.view(np.float16)[nan]).all()
+
+
+def _one_value_file(tmp_path, value_bits: int) -> str:
+    """A file whose lora_A holds one large float32 value (codebook [1, ...] × scale = value)."""
+    import sldtools
+
+    scale = float(np.uint32(value_bits).view(np.float32))
+    m = sldtools.lora_module(name="big", out_f=2, in_f=2, rank=1)
+    cb = sldtools.f16_codebook([1.0, 0.5])
+    m["A"], sa = sldtools.codebook_tensor((1, 2), 1, 1, [0, 1], cb, scale)
+    m["B"], sb = sldtools.codebook_tensor((2, 1), 1, 1, [0, 1], cb, 1.0)
+    p = tmp_path / f"v{value_bits:x}.sld"
+    p.write_bytes(sldtools.assemble([m], [], [sa, sb]))
+    return str(p)
+
+
+F16_OK = [np.float32(65504).view(np.uint32), np.float32(65519.996).view(np.uint32)]
+F16_OVER = [np.float32(65520).view(np.uint32), np.float32(1e5).view(np.uint32)]
+BF16_OK = [0x7F7F7FFF, 0x7F7F0000]  # rounds down to bf16's largest finite value
+BF16_OVER = [0x7F7F8000, 0x7F7FFFFF]  # the tie rounds to even = up, to inf
+
+
+@pytest.mark.parametrize("dtype,value_bits,ok", [("fp16", int(v), True) for v in F16_OK]
+                         + [("fp16", int(v), False) for v in F16_OVER]
+                         + [("bf16", v, True) for v in BF16_OK] + [("bf16", v, False) for v in BF16_OVER])
+def test_decode_refuses_a_value_that_overflows_the_requested_dtype(tmp_path, dtype, value_bits, ok):
+    path = _one_value_file(tmp_path, value_bits)
+    value = float(np.uint32(value_bits).view(np.float32))
+    out = str(tmp_path / "dec")
+    if ok:
+        deltacodec.decode(path, out, dtype=dtype)
+        got = load_file(os.path.join(out, "adapter_model.safetensors"))["big.lora_A.weight"].float()
+        assert torch.isfinite(got).all()
+    else:
+        with pytest.raises(DecodeError) as exc:
+            deltacodec.decode(path, out, dtype=dtype)
+        msg = str(exc.value)
+        assert "big.lora_A.weight" in msg and f"{value:g}" in msg and dtype in msg and path in msg
+        assert not os.path.exists(out) and [n for n in os.listdir(tmp_path) if n.startswith(".sld")] == []
+    deltacodec.decode(path, str(tmp_path / "f32"), dtype="fp32")  # fp32 holds every stored value
+
+
+def _with_metadata(data: bytes, metadata) -> bytes:
+    """The same file with its header's metadata replaced (sections untouched)."""
+    hlen = struct.unpack("<I", data[12:16])[0]
+    header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data[20:20 + hlen]), raw=False)
+    if metadata is None:
+        header["metadata"] = {}
+    else:
+        header["metadata"] = metadata
+    raw = zstandard.ZstdCompressor(level=3).compress(msgpack.packb(header, use_bin_type=True))
+    return data[:8] + struct.pack("<III", 1, len(raw), zlib.crc32(raw)) + raw + data[20 + hlen:]
+
+
+BAD_METADATA = {
+    "none": ({}, False),
+    "list config": ({"adapter_config": [1, 2]}, True),
+    "string config": ({"adapter_config": "r=4"}, True),
+    "bytes in config": ({"adapter_config": {"r": b"\x04", "lora_alpha": 8}}, True),
+    "bytes key": ({"adapter_config": {b"r": 4}}, True),
+    "nan alpha": ({"adapter_config": {"r": 4, "lora_alpha": float("nan")}}, True),
+    "wrong rank": ({"adapter_config": {"r": 99, "lora_alpha": 8}}, True),
+    "wrong alpha": ({"adapter_config": {"lora_alpha": 1e6}}, True),
+    "bool rank": ({"adapter_config": {"r": True}}, True),
+    "says sine": ({"adapter_config": {"peft_type": "SINLORA", "freq": 3.0}}, True),
+    "bytes base model": ({"base_model": b"\xff", "encoder": 7, "method": None}, False),
+    "deep, no alpha": ({"adapter_config": {"x": [[[[[[[[[[[]]]]]]]]]]]}}, True),
+}
+
+
+@pytest.mark.parametrize("sine", [False, True])
+@pytest.mark.parametrize("case", list(BAD_METADATA))
+def test_decode_needs_no_metadata_and_rebuilds_an_unusable_config(tmp_path, case, sine):
+    # modules of different ranks and scales, so the rebuilt config needs rank/alpha patterns
+    rng = np.random.default_rng(2)
+    mods = [AdapterModule(f"base_model.model.layers.{i}.mlp.up_proj", A=rng.normal(size=(r, 16)).astype(np.float32),
+                          B=rng.normal(size=(24, r)).astype(np.float32), scale=s,
+                          sine=sine, omega=30.0 if sine else None, gamma=4.0 if sine else None)
+            for i, (r, s) in enumerate([(4, 2.0), (4, 2.0), (8, 0.5), (2, 2.0)])]
+    a = Adapter(modules=mods, config={"peft_type": "LORA"})
+    path = deltacodec.encode(a, bits=16, out=str(tmp_path / "a.sld"))
+    metadata, warns = BAD_METADATA[case]
+    data = _with_metadata(open(path, "rb").read(), metadata)
+    (tmp_path / "b.sld").write_bytes(data)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        deltacodec.decode(str(tmp_path / "b.sld"), str(tmp_path / "dec"))
+    ours = [w for w in rec if issubclass(w.category, DeltacodecWarning)]
+    assert bool(ours) == warns, [str(w.message) for w in ours]
+    if warns:
+        assert "adapter_config" in str(ours[0].message) and "b.sld" in str(ours[0].message)
+    # the decoded directory re-encodes to the same modules: rank, scale, kind, ω, γ
+    f = deltacodec.load(deltacodec.encode(str(tmp_path / "dec"), bits=16, out=str(tmp_path / "c.sld")))
+    orig = deltacodec.load(path)
+    for m0, m1 in zip(orig.modules, f.modules):
+        assert (m0.name, m0.rank, m0.sine, m0.omega, m0.gamma) == (m1.name, m1.rank, m1.sine, m1.omega, m1.gamma)
+        assert m1.scale == pytest.approx(m0.scale, rel=1e-12)
+        np.testing.assert_array_equal(orig.tensor(m0.A), f.tensor(m1.A))
+
+
+def test_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n_in = 1 << 16  # A: 16 x 65536 float32 = 4 MiB decoded; 8 modules = 32 MiB in all
+    mods = [AdapterModule(f"m{i}", A=rng.normal(size=(16, n_in)).astype(np.float32),
+                          B=rng.normal(size=(8, 16)).astype(np.float32), scale=1.0) for i in range(8)]
+    path = deltacodec.encode(Adapter(modules=mods), bits=16, out=str(tmp_path / "big.sld"), level=0)
+    f = deltacodec.load(path)
+    largest, total = 16 * n_in * 4, sum(e.numel for e in f.entries()) * 4
+    tracemalloc.start()
+    try:
+        deltacodec.decode(f, str(tmp_path / "dec"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One tensor in flight: its 2-byte stored payload, the float32 values, and the byte view
+    # written out; everything at once (the old path) would be `total` and more.
+    assert peak < 2.5 * largest < total / 3, (peak, largest, total)
+
+
+def test_decode_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    make_adapter(tmp_path / "a")
+    out = deltacodec.encode(str(tmp_path / "a"), bits=3, out=str(tmp_path / "a.sld"))
+    code = ("import sys, deltacodec; deltacodec.decode(sys.argv[1], sys.argv[2], dtype='bf16'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "dec")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_decode_reports_progress_per_tensor(tmp_path):
+    make_adapter(tmp_path / "a")
+    out = deltacodec.encode(str(tmp_path / "a"), bits=3, out=str(tmp_path / "a.sld"))
+    calls = []
+    deltacodec.decode(out, str(tmp_path / "dec"), progress=lambda i, n, name: calls.append((i, n, name)))
+    assert [c[0] for c in calls] == list(range(5)) and all(c[1] == 4 for c in calls) and calls[-1][2] == ""
