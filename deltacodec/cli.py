@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import __version__
 from .cli_args import bits_arg, finite_arg, gamma_arg, level_arg, limit_help, size_arg
@@ -47,12 +47,6 @@ bar appears only when stderr is a terminal, and never with -q.
 # (the message says which); RecursionError: input nested deeper than Python can follow. Not
 # KeyError, TypeError, AttributeError...: from deltacodec those are bugs, kept visible.
 _REPORTED = (SldError, OSError, ValueError, MemoryError, RecursionError, ImportError)
-
-
-def _given(**options: Any) -> dict[str, Any]:
-    """Keyword arguments for the options the user gave (a library call without them keeps its
-    defaults)."""
-    return {k: v for k, v in options.items() if v is not None and v is not False}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         quantizer=args.quantizer,
         level=args.level,
         progress=stderr_progress("encode", quiet=args.quiet),
-        **_given(force=args.force),
+        force=args.force,
     )
     size = os.path.getsize(out)
     if not args.quiet:
@@ -104,7 +98,8 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         args.output,
         dtype=args.dtype,
         progress=stderr_progress("decode", quiet=args.quiet),
-        **_given(force=args.force, max_decoded_bytes=args.max_decoded_bytes),
+        force=args.force,
+        max_decoded_bytes=args.max_decoded_bytes,
     )
     if not args.quiet:
         for p in paths:
@@ -132,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="ADAPTER", help="PEFT adapter directory, .safetensors or .bin file")
     e.add_argument("--bits", type=bits_arg, default=3, help="1..8 (codebook) or 16 (float16); default 3")
     e.add_argument("-o", "--output", help="output .sld path (default: beside the input)")
-    e.add_argument("--force", action="store_true", help="replace the output if it exists")
+    e.add_argument("--force", action="store_true", help="replace the output if it exists (never an input)")
     e.add_argument("--omega", type=finite_arg("omega", nonzero=True),
                    help="sine frequency ω; makes the adapter a sine adapter")
     e.add_argument("--gamma", type=gamma_arg, help="sine divisor γ: a number or 'sqrt-in' (default)")
@@ -147,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help=".sld -> adapter in PEFT layout")
     d.add_argument("file", metavar="FILE.sld")
     d.add_argument("-o", "--output", help="directory, or a path ending in .safetensors (default: FILE-decoded/)")
-    d.add_argument("--force", action="store_true", help="replace the output if it exists")
+    d.add_argument("--force", action="store_true", help="replace the output if it exists (never an input)")
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of lora_A/B")
     d.add_argument("--max-decoded-bytes", type=size_arg, metavar="SIZE", help=limit_help())
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary lines")

@@ -390,7 +390,7 @@ def apply_checkpoint(
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .codec import stderr_progress
+    from .cli_progress import stderr_progress
 
     paths = apply_checkpoint(
         args.base, args.file, args.output, force=args.force, max_decoded_bytes=args.max_decoded_bytes,

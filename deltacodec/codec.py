@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable
@@ -444,29 +443,3 @@ def decode(
         stored = e.dtype or "F32"  # a codebook-coded extra decodes to float32
         add(e, TensorSpec(stored, e.shape, lambda e=e, d=stored: (_stored(c, d) for c in _chunks(f, e))))
     return write_adapter(out, specs, decoded_config(f), force=force, inputs=[f.path], progress=progress)
-
-
-def stderr_progress(label: str, quiet: bool = False) -> Progress:
-    """A progress line on stderr that appears only once work has taken more than half a second."""
-    import sys
-
-    start: float | None = None
-    shown = False
-
-    def report(i: int, n: int, name: str) -> None:
-        nonlocal shown, start
-        if quiet or n == 0:
-            return
-        if start is None:
-            start = time.monotonic()
-        if not shown and time.monotonic() - start < 0.5:
-            return
-        shown = True
-        width = 30
-        done = int(width * i / n)
-        sys.stderr.write(f"\r{label} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return report

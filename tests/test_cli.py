@@ -131,7 +131,7 @@ def test_inspect_says_larger_than_fp16_and_shows_the_transposed_layout(tmp_path,
 
 
 # --------------------------------------------------------------------------------------------------
-# options reach the library: --force and --max-decoded-bytes, passed only when given
+# options reach the library: --force and --max-decoded-bytes (library defaults when not given)
 
 
 def _recorder(monkeypatch, module, name, result):
@@ -150,7 +150,7 @@ def _recorder(monkeypatch, module, name, result):
     [((), {}), (("--force",), {"force": True}), (("--max-decoded-bytes", "1.5GiB"), {"max_decoded_bytes": 3 << 29}),
      (("--force", "--max-decoded-bytes", "3MB"), {"force": True, "max_decoded_bytes": 3_000_000})],
 )
-def test_decode_passes_force_and_limit_only_when_given(capsys, monkeypatch, tmp_path, extra, passed):
+def test_decode_passes_force_and_limit(capsys, monkeypatch, tmp_path, extra, passed):
     import deltacodec.codec
 
     calls = _recorder(monkeypatch, deltacodec.codec, "decode", [str(tmp_path / "o" / "adapter_model.safetensors")])
@@ -158,12 +158,12 @@ def test_decode_passes_force_and_limit_only_when_given(capsys, monkeypatch, tmp_
     assert rc == 0 and err == "" and out == f"wrote {tmp_path / 'o' / 'adapter_model.safetensors'}\n"
     (args, kwargs), = calls
     assert args == ("f.sld", str(tmp_path / "o"))
-    assert {k: kwargs[k] for k in ("force", "max_decoded_bytes") if k in kwargs} == passed
+    assert {k: kwargs[k] for k in ("force", "max_decoded_bytes")} == {"force": False, "max_decoded_bytes": None, **passed}
     assert kwargs["dtype"] == "bf16" and callable(kwargs["progress"])
 
 
 @pytest.mark.parametrize("extra, passed", [((), {}), (("--force",), {"force": True})])
-def test_encode_passes_force_only_when_given(capsys, monkeypatch, tmp_path, extra, passed):
+def test_encode_passes_force(capsys, monkeypatch, tmp_path, extra, passed):
     import deltacodec.codec
 
     out_path = tmp_path / "o.sld"
@@ -172,7 +172,7 @@ def test_encode_passes_force_only_when_given(capsys, monkeypatch, tmp_path, extr
     rc, out, err = run_sld(capsys, "encode", "adapter", "-o", out_path, "--omega", "30", "--alpha", "-2", *extra)
     assert rc == 0 and err == "" and out == f"wrote {out_path} (10 bytes)\n"
     (args, kwargs), = calls
-    assert ("force" in kwargs) == bool(passed) and kwargs.get("force", False) == passed.get("force", False)
+    assert kwargs["force"] == passed.get("force", False)
     assert kwargs["omega"] == 30.0 and kwargs["alpha"] == -2.0 and kwargs["out"] == str(out_path)
 
 
