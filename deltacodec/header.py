@@ -86,6 +86,7 @@ _RAW_KEYS = frozenset(("shape", "encoding", "dtype", "compression", "offset", "l
 _LORA_KEYS = frozenset(("name", "kind", "out_features", "in_features", "rank", "scale", "fan_in_fan_out", "A", "B"))
 _SINE_KEYS = _LORA_KEYS | {"omega", "gamma"}
 _ROOT_KEYS = ("metadata", "modules", "tensors")
+_SCALAR_TYPES = frozenset((type(None), bool, int, float, str, bytes))
 
 
 class TensorEntry(NamedTuple):
@@ -407,7 +408,10 @@ class _Parser:
                     d[k] = self.value(f"{where}.{show(k, 40)}" if depth < 6 else where, depth + 1)
                 return d
             return [self.value(where, depth + 1) for _ in range(n)]
-        return self.scalar(where)
+        v = self.scalar(where)
+        if type(v) not in _SCALAR_TYPES:  # msgpack-python decodes the timestamp extension itself
+            raise self.fail(where, f"msgpack extension type -1 (timestamp) at byte {self.u.tell()} is not allowed")
+        return v
 
     def entries(self, key: str, hdr: Header) -> None:
         where = f"root.{key}"
