@@ -545,8 +545,9 @@ class SldFile:
     def dequantize(self, module_name: str) -> tuple[np.ndarray, np.ndarray]:
         """Q(A) (r×in) and Q(B) (out×r) of one module, float32, checked to give a finite ΔW."""
         m = self.module(module_name)
-        A = np.asarray(self.tensor(m.A), dtype=np.float32)
-        B = np.asarray(self.tensor(m.B), dtype=np.float32)
+        with np.errstate(over="ignore"):  # an F64 factor beyond float32: inf, refused just below
+            A = np.asarray(self.tensor(m.A), dtype=np.float32)
+            B = np.asarray(self.tensor(m.B), dtype=np.float32)
         if m.A.value_bound is None or m.B.value_bound is None:
             # float32 maxima: an F64 factor beyond float32's range shows up here as inf.
             self.check_module(m, float(np.abs(A).max()), float(np.abs(B).max()))

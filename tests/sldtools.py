@@ -255,3 +255,44 @@ def relayout(header: dict, sections: list[bytes]) -> dict:
         t["offset"], t["length"], t["crc32"] = pos, len(s), zlib.crc32(s)
         pos += len(s)
     return header
+
+
+def bomb_file(numel: int = 1 << 30) -> bytes:
+    """The issue's bomb, valid under the spec: one module whose lora_A is ``numel`` 8-bit indices
+    (all 0) stored as one zstd frame of RLE blocks: a ``numel``-byte payload in 4 bytes per
+    128 KiB (2^30: 34 KB of file, 1 GiB of payload, 4 GiB as float32)."""
+    cb = np.linspace(-1, 1, 256).astype("<f2").tobytes()
+    sec_a, sec_b = zstd_frame([("rle", 0, numel)]), b"\x00"
+
+    def t(shape, sec, comp, off):
+        return {"shape": list(shape), "encoding": "codebook", "bits": 8, "width": 8, "quantizer": "kmeans",
+                "codebook": cb, "codebook_scale": 1.0, "compression": comp, "offset": off,
+                "length": len(sec), "crc32": zlib.crc32(sec)}
+
+    m = {"name": "bomb", "kind": "lora", "out_features": 1, "in_features": numel, "rank": 1, "scale": 1.0,
+         "fan_in_fan_out": False, "A": t((1, numel), sec_a, "zstd", 0), "B": t((1, 1), sec_b, "none", len(sec_a))}
+    return file_from_header({"metadata": {}, "modules": [m], "tensors": []}, [sec_a, sec_b])
+
+
+def many_modules_file(n: int) -> bytes:
+    """``n`` sine modules (4x16 and 4x4 factors, 3-bit dense codebooks), header as raw blocks:
+    what a file at the entry cap costs to open, with nothing else in the way."""
+    rng = np.random.default_rng(0)
+    cb = np.sort(rng.normal(0, 1, 8)).astype("<f2").tobytes()
+    sa = ref_pack(rng.integers(0, 8, 64).tolist(), 3)
+    sb = ref_pack(rng.integers(0, 8, 16).tolist(), 3)
+    mods, secs, off = [], [], 0
+
+    def t(shape, sec, off):
+        return {"shape": list(shape), "encoding": "codebook", "bits": 3, "width": 3, "quantizer": "kmeans",
+                "codebook": cb, "codebook_scale": 0.015625, "compression": "none", "offset": off,
+                "length": len(sec), "crc32": zlib.crc32(sec)}
+
+    for i in range(n):
+        mods.append({"name": f"base_model.model.model.layers.{i // 1024}.mlp.experts.{i % 1024}.up_proj",
+                     "kind": "sine", "out_features": 4, "in_features": 16, "rank": 4, "scale": 2.0,
+                     "omega": 100.0, "gamma": 4.0, "fan_in_fan_out": False,
+                     "A": t((4, 16), sa, off), "B": t((4, 4), sb, off + len(sa))})
+        secs += [sa, sb]
+        off += len(sa) + len(sb)
+    return file_from_header({"metadata": {}, "modules": mods, "tensors": []}, secs)
