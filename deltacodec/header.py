@@ -395,7 +395,7 @@ class _Parser:
             is_map = _is_map(b)
             n = self._call(self.u.read_map_header if is_map else self.u.read_array_header, where)
             if n > MAX_CONTAINER:
-                raise self.limit(where, f"a {'map' if is_map else 'array'} of {n:,} elements, over the limit of "
+                raise self.limit(where, f"{'a map' if is_map else 'an array'} of {n:,} elements, over the limit of "
                                         f"{MAX_CONTAINER:,}", MAX_CONTAINER, n)
             self.meta_values += 2 * n if is_map else n
             if self.meta_values > MAX_METADATA_VALUES:
