@@ -178,6 +178,15 @@ def test_reader_rejects_bad_header_length(tmp_path):
         assert exc.limit == 1 << 28 and exc.requested == hlen
 
 
+def test_crc32_is_the_iso_hdlc_crc(tmp_path):
+    # The check value of CRC-32/ISO-HDLC, and the reader computes exactly that on a header.
+    assert zlib.crc32(b"123456789") == 0xCBF43926
+    raw = b"123456789"
+    data = MAGIC + struct.pack("<III", 1, len(raw), 0xCBF43926) + raw
+    rejects(tmp_path, data, SldFormatError, "not a zstd frame")  # past the CRC check
+    rejects(tmp_path, data[:16] + struct.pack("<I", 0xCBF43927) + raw, SldChecksumError, "computed 0xcbf43926")
+
+
 def test_reader_detects_header_corruption(tmp_path):
     data, _ = simple_file()
     for pos in (20, 25, 20 + struct.unpack_from("<I", data, 12)[0] - 1):
