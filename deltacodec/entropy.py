@@ -28,7 +28,6 @@ __all__ = [
     "FrameLimitError",
     "Frame",
     "walk_frame",
-    "decompress_exact",
     "decompress_bounded",
     "check_size",
     "PayloadStream",
@@ -184,18 +183,6 @@ def check_size(frame: Frame, expected: int) -> None:
 def _bytes_reader(data: bytes | memoryview) -> Read:
     mv = memoryview(data)
     return lambda off, n: bytes(mv[off:off + n])
-
-
-def decompress_exact(frame_bytes: bytes, expected: int, *, max_window: int = MAX_WINDOW) -> bytes:
-    """Decompress one zstd frame that must expand to exactly ``expected`` bytes, nothing after it."""
-    if expected == 0:
-        raise DecompressError("an empty payload must be stored uncompressed")
-    frame = walk_frame(_bytes_reader(frame_bytes), len(frame_bytes), max_window=max_window)
-    check_size(frame, expected)
-    stream = PayloadStream(io.BytesIO(frame_bytes), expected, max_window=max_window)
-    out = stream.read(expected)
-    stream.finish()
-    return out
 
 
 def decompress_bounded(frame_bytes: bytes, cap: int, *, max_window: int = MAX_WINDOW) -> bytes:

@@ -224,7 +224,7 @@ class SldFile:
         decoded = self._decompress_header(raw_header)
         del raw_header
         data_size = self.file_size - self.data_offset
-        hdr = parse_header(decoded, self.path, data_size)
+        hdr = parse_header(decoded, self.path)
         del decoded
         self.metadata: dict[str, Any] = hdr.metadata
         self.modules: list[ModuleEntry] = hdr.modules
@@ -353,7 +353,7 @@ class SldFile:
                 crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
             if crc != e.crc32:
                 raise self._crc_fail(e, crc)
-            reader = lambda off, n: self._src.pread(start + off, max(0, min(n, e.length - off)))  # noqa: E731
+            reader = lambda off, n: self._read(start + off, max(0, min(n, e.length - off)), e)  # noqa: E731
             source = _Range(self._src, start, e.length)
         if e.compression == "none":
             pos = 0

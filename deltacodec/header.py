@@ -279,10 +279,9 @@ def _byte_type(b: int) -> str:
 class _Parser:
     """One pass over the decoded header; every error names the file and the key path."""
 
-    def __init__(self, data: bytes, label: str, data_size: int) -> None:
+    def __init__(self, data: bytes, label: str) -> None:
         self.data = data
         self.label = label
-        self.data_size = data_size
         self.u = msgpack.Unpacker(
             io.BytesIO(data),
             read_size=1 << 20,
@@ -604,7 +603,7 @@ class _Parser:
             payload = (numel * width + 7) >> 3
         else:
             dtype = d["dtype"]
-            if dtype not in RAW_DTYPES or type(dtype) is not str:
+            if type(dtype) is not str or dtype not in RAW_DTYPES:
                 self.string(d, "dtype", where, tuple(RAW_DTYPES))
             bits, width, quant, cb, scale = RAW_DTYPES[dtype][1] * 8, 0, None, None, None
             bound = F16_MAX if dtype == "F16" else None
@@ -661,19 +660,17 @@ def bound_problem(m: ModuleEntry, a: float, b: float) -> str | None:
     return None
 
 
-def parse_header(decoded: bytes, label: str, data_size: int) -> Header:
-    """Parse and validate a decoded header (msgpack bytes) against sections 3, 6.1, 6.2 and 7.
-
-    ``data_size`` is the size of the data area (file size − 20 − H); offsets and lengths are
-    bounded by it here, their contiguity is checked by the caller. Raises SldFormatError, or
-    SldLimitError for a limit.
+def parse_header(decoded: bytes, label: str) -> Header:
+    """Parse and validate a decoded header (msgpack bytes) against sections 3, 6.1, 6.2 and 7.1;
+    ``label`` names the file in messages. Offsets and lengths are checked against each other and
+    the file by the caller (section 4.1). Raises SldFormatError, or SldLimitError for a limit.
     """
     # The entries are acyclic tuples; with the cyclic GC on, building 2^17 of them triggers
     # collections that rescan everything built so far (measured: 25% of the time at the cap).
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _Parser(decoded, label, data_size).run()
+        return _Parser(decoded, label).run()
     finally:
         if enabled:
             gc.enable()

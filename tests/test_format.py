@@ -426,7 +426,7 @@ def test_reader_rejects_wrong_scalar_types(tmp_path, path):
     # ints are msgpack ints only (not bool, not float), floats are msgpack floats only (not int),
     # bools are true/false, strings are str (not bin), byte strings are bin (not str).
     h, secs = base()
-    for bad in SCALAR_FIELDS[path]:
+    for bad in SCALAR_FIELDS[path] + [[], {"a": 1}, [[1]]]:  # unhashable values too
         h2 = copy.deepcopy(h)
         target = {"modules": h2["modules"][0], "A": h2["modules"][0]["A"], "tensors": h2["tensors"][0]}[path[0]]
         target[path[1]] = bad
