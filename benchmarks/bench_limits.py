@@ -60,7 +60,8 @@ def main() -> None:
     except SldError as exc:
         result = f"{type(exc).__name__}: {exc}"
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")] if os.path.exists("/proc/self/status") else []
+    rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{cmd} {os.path.basename(arg)}: {result}\n  open {t_open:.2f} s ({c_open:.2f} s CPU), "
           f"total {dt:.2f} s ({dc:.2f} s CPU), peak RSS {rss:.0f} MiB")
 

@@ -566,6 +566,12 @@ class SldFile:
         for t in self.tensors:
             self._verify_entry(t, sections)
 
+    def check_tensor(self, entry: TensorEntry | str) -> float:
+        """Check one section as :meth:`verify` does (in pieces, nothing kept) and return the
+        largest |value| it decodes to (for a codebook tensor, its codebook's largest |value|).
+        What a caller that hands the packed stream to its own decoder runs first."""
+        return self._verify_entry(self._lookup(entry), iter([None]))
+
     def _small_sections(self) -> Iterator[bytes | None]:
         """Each section in file order: its bytes when small (read in large sequential blocks, not
         one read per section), None when large (streamed by the caller)."""

@@ -886,6 +886,17 @@ def test_verify_checks_every_section(tmp_path):
             f.verify()
 
 
+def test_check_tensor_checks_one_section(tmp_path):
+    h, secs = base()
+    f = open_all(write(tmp_path, rebuild(h, secs)))
+    assert f.check_tensor("x") == 3.0 and f.check_tensor(f.modules[0].A) == 0.5
+    secs[2] = np.array([1, np.nan, 3], "<f4").tobytes()
+    f = load(write(tmp_path, rebuild(h, secs)))
+    assert f.check_tensor(f.modules[0].B) == 0.125
+    with pytest.raises(SldFormatError, match="'x'.*element 1 is NaN"):
+        f.check_tensor("x")
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding in pieces
 
