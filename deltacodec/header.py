@@ -135,7 +135,8 @@ class TensorEntry(NamedTuple):
         """The dequantized codebook, float32, ``2**bits`` values (None for raw tensors)."""
         if self.codebook_f16 is None:
             return None
-        return dequantize_codebook(self.codebook_f16, self.codebook_scale)
+        # validated at open: the products are finite (section 6.1), no overflow guard needed
+        return np.frombuffer(self.codebook_f16, dtype="<f2").astype(np.float32) * np.float32(self.codebook_scale)
 
 
 class ModuleEntry(NamedTuple):
@@ -572,8 +573,10 @@ class _Parser:
         if comp != "none" and comp != "zstd":
             self.string(d, "compression", where, COMPRESSIONS)
         if enc == "codebook":
-            bits = self.integer(d, "bits", 1, 8, where)
-            width = self.integer(d, "width", bits, 8, where)
+            bits, width = d["bits"], d["width"]
+            if not (type(bits) is int and type(width) is int and 1 <= bits <= width <= 8):  # noqa: E721
+                bits = self.integer(d, "bits", 1, 8, where)
+                width = self.integer(d, "width", bits, 8, where)
             quant = d["quantizer"]
             if quant != "kmeans" and quant != "uniform":
                 quant = self.string(d, "quantizer", where)
@@ -608,9 +611,12 @@ class _Parser:
             bits, width, quant, cb, scale = RAW_DTYPES[dtype][1] * 8, 0, None, None, None
             bound = F16_MAX if dtype == "F16" else None
             payload = numel * RAW_DTYPES[dtype][1]
-        off = self.integer(d, "offset", 0, _U64_MAX, where)
-        length = self.integer(d, "length", 1, _U64_MAX, where)
-        crc = self.integer(d, "crc32", 0, 0xFFFFFFFF, where)
+        off, length, crc = d["offset"], d["length"], d["crc32"]
+        if not (type(off) is int and type(length) is int and type(crc) is int  # noqa: E721
+                and 0 <= off <= _U64_MAX and 1 <= length <= _U64_MAX and 0 <= crc <= 0xFFFFFFFF):
+            off = self.integer(d, "offset", 0, _U64_MAX, where)
+            length = self.integer(d, "length", 1, _U64_MAX, where)
+            crc = self.integer(d, "crc32", 0, 0xFFFFFFFF, where)
         if comp == "none" and length != payload:
             raise self.fail(f"{where}.length", f"{length} bytes stored uncompressed, shape needs {payload}")
         return TensorEntry(name, tuple(shape), enc, bits, width, quant, dtype, cb, scale, comp, off, length, crc, bound)

@@ -28,7 +28,6 @@ import json
 import os
 import struct
 import sys
-import zlib
 
 import msgpack
 import numpy as np
