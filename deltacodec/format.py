@@ -1,4 +1,4 @@
-"""The ``.sld`` container: writer and validating reader (spec/sld-format.md is normative).
+"""The ``.sld`` container: writer and validating, streaming reader (spec/sld-format.md is normative).
 
 This layer needs only numpy, msgpack and zstandard, so ``sld inspect`` never imports torch.
 
@@ -10,37 +10,73 @@ Layout::
     16  header_crc32     u32 LE   CRC-32 of those H bytes
     20  header           H bytes  one zstd frame holding a msgpack map
     20+H data            sections, contiguous, in header order; the file ends with the last one
+
+Opening a file reads the preamble and the header only and checks them in the order of spec
+section 7.2; every size the header states is bounded before anything is allocated. Tensors are
+decoded on request, in pieces: :meth:`SldFile.iter_chunks` never holds more than one piece of a
+tensor (nor of its decompressed payload), :meth:`SldFile.verify` checks every section that way.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import os
+import stat
 import struct
 import tempfile
+import weakref
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 import numpy as np
-import zstandard
 
 from . import entropy
-from .errors import SldChecksumError, SldFormatError, SldLimitError, SldVersionError
-from .pack import packed_nbytes, padding_is_zero, unpack_indices
+from .errors import DecodeError, EncodeError, SldChecksumError, SldError, SldFormatError, SldLimitError, SldVersionError
+from .header import (
+    MAX_CONTAINER,
+    MAX_DEPTH,
+    MAX_DIM,
+    MAX_ENTRIES,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_DECODED,
+    MAX_METADATA_VALUES,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_NUMEL,
+    RAW_DTYPES,
+    ModuleEntry,
+    TensorEntry,
+    bound_problem,
+    dequantize_codebook,
+    iter_entries,
+    parse_header,
+)
+from .pack import padding_is_zero, unpack_indices
 
 __all__ = [
     "MAGIC",
     "VERSION",
     "SUPPORTED_VERSIONS",
     "PREAMBLE_SIZE",
+    "DEFAULT_MAX_DECODED_BYTES",
+    "CHUNK_ELEMENTS",
     "TensorEntry",
     "ModuleEntry",
     "SldFile",
     "build_container",
     "atomic_write",
     "dequantize_codebook",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DECODED",
+    "MAX_ENTRIES",
+    "MAX_CONTAINER",
+    "MAX_DEPTH",
+    "MAX_METADATA_VALUES",
+    "MAX_NAME_BYTES",
+    "MAX_NDIM",
+    "MAX_DIM",
+    "MAX_NUMEL",
 ]
 
 MAGIC = b"\x89SLD\r\n\x1a\n"
@@ -48,95 +84,587 @@ VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 PREAMBLE_SIZE = 20
 _PREAMBLE = struct.Struct("<8sIII")
-
-# Caps a reader applies before allocating anything a file asks for.
-MAX_HEADER_BYTES = 16 << 20
-MAX_HEADER_DECODED = 64 << 20
-MAX_ENTRIES = 1 << 20
-MAX_NAME_BYTES = 1024
-MAX_NDIM = 8
-MAX_DIM = (1 << 31) - 1
-MAX_NUMEL = 1 << 33
 HEADER_LEVEL = 19
-# What decoding a whole file may allocate, by default: every tensor as float32 (F64 extras as
-# float64). A caller that trusts a larger file raises it: SldFile(path, max_decoded_bytes=N).
+# What decoding a whole file may allocate, by default: every tensor as float32 (F64 as float64).
+# 16 GiB holds a rank-64 adapter on every linear layer of a 405B-parameter model (2.5e9
+# parameters, 10 GB as float32); a caller that trusts a larger file raises it:
+# SldFile(path, max_decoded_bytes=N).
 DEFAULT_MAX_DECODED_BYTES = 16 << 30
-
-RAW_DTYPES = {
-    "F16": (np.dtype("<f2"), 16),
-    "BF16": (np.dtype("<u2"), 16),
-    "F32": (np.dtype("<f4"), 32),
-    "F64": (np.dtype("<f8"), 64),
-}
-QUANTIZERS = ("kmeans", "uniform")
-COMPRESSIONS = ("zstd", "none")
+# Pieces of one tensor decoded at a time: 4 MiB of float32, 8 MiB of index temporaries.
+CHUNK_ELEMENTS = 1 << 20
+# Sections up to this size are read whole (one read, one CRC pass); larger ones are CRC-checked
+# in a first pass and then decoded from the file in pieces.
+_WHOLE_SECTION = 4 << 20
+_IO_CHUNK = 4 << 20
+_NO_LIMIT = 1 << 62
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One stored tensor as the header describes it (no payload).
+# ----------------------------------------------------------------------------------------------
+# Where the bytes come from: a file (held open, read with pread) or memory (the writer's check)
 
-    ``encoding`` is ``"codebook"`` (indices into ``2**bits`` values) or ``"raw"`` (``dtype``
-    values as they are). ``offset`` counts from the start of the data area.
+
+class _FileBytes:
+    def __init__(self, path: str) -> None:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise SldFormatError(f"{path}: not a regular file, not an .sld file")
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+        self._close = weakref.finalize(self, os.close, self.fd)
+        self.size = os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, n: int) -> bytes:
+        if hasattr(os, "pread"):
+            parts = []
+            while n > 0:
+                b = os.pread(self.fd, min(n, 1 << 30), offset)
+                if not b:
+                    break
+                parts.append(b)
+                offset += len(b)
+                n -= len(b)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        os.lseek(self.fd, offset, os.SEEK_SET)  # pragma: no cover - platforms without pread
+        return os.read(self.fd, n)
+
+    def close(self) -> None:
+        self._close()
+
+
+class _MemoryBytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.size = len(data)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        return bytes(self.data[offset:offset + n])
+
+    def close(self) -> None:
+        pass
+
+
+class _Range(io.RawIOBase):
+    """A byte range of a source as a file object (what zstd's stream reader pulls from)."""
+
+    def __init__(self, src: _FileBytes | _MemoryBytes, start: int, length: int) -> None:
+        self.src, self.pos, self.end = src, start, start + length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n is None or n < 0 else min(n, self.end - self.pos)
+        b = self.src.pread(self.pos, n) if n > 0 else b""
+        self.pos += len(b)
+        return b
+
+
+class _Payload:
+    """A section's payload read in pieces: ``read(n)`` exactly n bytes, ``finish()`` at the end."""
+
+    def __init__(self, read: Callable[[int], bytes], finish: Callable[[], None]) -> None:
+        self.read = read
+        self.finish = finish
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+
+
+class SldFile:
+    """A validated ``.sld`` file: header parsed and checked, tensors decoded on request.
+
+    Opening reads the 20-byte preamble and the header only, checks them (spec section 7.2), and
+    refuses a file whose tensors would decode to more than ``max_decoded_bytes`` (default
+    :data:`DEFAULT_MAX_DECODED_BYTES`; every tensor counted as float32, F64 as float64) with
+    :class:`SldLimitError` before anything is decoded. The file stays open (sections are read
+    from the file that was validated, even if the path is replaced); :meth:`close` or a ``with``
+    block releases it, as does garbage collection.
     """
 
-    name: str
-    shape: tuple[int, ...]
-    encoding: str
-    bits: int
-    width: int
-    quantizer: str | None
-    dtype: str | None
-    codebook_f16: bytes | None
-    codebook_scale: float | None
-    compression: str
-    offset: int
-    length: int
-    crc32: int
+    def __init__(self, path: str | os.PathLike[str], *, max_decoded_bytes: int | None = None) -> None:
+        self.path = os.fspath(path)
+        try:
+            src = _FileBytes(self.path)
+        except OSError as exc:
+            raise SldFormatError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            self._open(src, max_decoded_bytes)
+        except BaseException:
+            src.close()
+            raise
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str, *, max_decoded_bytes: int | None = None) -> "SldFile":
+        """Validate an in-memory file (``name`` is what messages call it): the writer's self-check."""
+        self = cls.__new__(cls)
+        self.path = name
+        self._open(_MemoryBytes(data), max_decoded_bytes)
+        return self
 
-    @property
-    def payload_nbytes(self) -> int:
-        """Size of the payload once the entropy stage is undone, derived from shape and format."""
-        if self.encoding == "codebook":
-            return packed_nbytes(self.numel, self.width)
-        return self.numel * RAW_DTYPES[self.dtype][1] // 8
+    def _open(self, src: _FileBytes | _MemoryBytes, max_decoded_bytes: int | None) -> None:
+        self._src = src
+        self.max_decoded_bytes = DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else int(max_decoded_bytes)
+        self.file_size = src.size
+        try:
+            pre = src.pread(0, PREAMBLE_SIZE)
+        except OSError as exc:
+            raise SldFormatError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        self.version = _check_preamble(self.path, pre, self.file_size)
+        _, _, hlen, hcrc = _PREAMBLE.unpack(pre)
+        raw_header = src.pread(PREAMBLE_SIZE, hlen)
+        if len(raw_header) != hlen:
+            raise SldFormatError(f"{self.path}: truncated inside the header (offset {PREAMBLE_SIZE})")
+        if zlib.crc32(raw_header) != hcrc:
+            raise SldChecksumError(
+                f"{self.path}: header CRC-32 mismatch (header at offset {PREAMBLE_SIZE}, "
+                f"{hlen} bytes, stored {hcrc:#010x}, computed {zlib.crc32(raw_header):#010x}): the file is corrupt"
+            )
+        self.header_size = PREAMBLE_SIZE + hlen
+        self.data_offset = PREAMBLE_SIZE + hlen
+        decoded = self._decompress_header(raw_header)
+        del raw_header
+        data_size = self.file_size - self.data_offset
+        hdr = parse_header(decoded, self.path)
+        del decoded
+        self.metadata: dict[str, Any] = hdr.metadata
+        self.modules: list[ModuleEntry] = hdr.modules
+        self.tensors: list[TensorEntry] = hdr.tensors
+        self._check_layout(data_size)
+        self.decoded_nbytes: int = hdr.decoded_nbytes
+        if self.decoded_nbytes > self.max_decoded_bytes:
+            raise SldLimitError(
+                f"{self.path}: decoding needs {self.decoded_nbytes:,} bytes, over the limit of "
+                f"{self.max_decoded_bytes:,} (max_decoded_bytes / --max-decoded-bytes raises it)",
+                limit=self.max_decoded_bytes,
+                requested=self.decoded_nbytes,
+            )
+        self._by_module = {m.name: m for m in self.modules}
+        self._by_tensor = {t.name: t for t in self.tensors}
+        for m in self.modules:
+            self._by_tensor.setdefault(m.A.name, m.A)
+            self._by_tensor.setdefault(m.B.name, m.B)
 
-    @property
-    def codebook(self) -> np.ndarray | None:
-        """The dequantized codebook, float32, ``2**bits`` values (None for raw tensors)."""
-        if self.codebook_f16 is None:
-            return None
-        return dequantize_codebook(self.codebook_f16, self.codebook_scale)
+    def _decompress_header(self, raw: bytes) -> bytes:
+        where = f"{self.path}: header at offset {PREAMBLE_SIZE}"
+        try:
+            return entropy.decompress_bounded(raw, MAX_HEADER_DECODED)
+        except entropy.FrameLimitError as exc:
+            raise SldLimitError(f"{where}: {exc}", limit=exc.limit, requested=exc.requested) from None
+        except entropy.DecompressError as exc:
+            raise SldFormatError(f"{where}: {exc}") from None
+        except MemoryError:
+            raise self._oom(None, MAX_HEADER_DECODED) from None
+
+    def _check_layout(self, data_size: int) -> None:
+        cursor = 0
+        for e in iter_entries(self):
+            if e.offset != cursor:
+                raise SldFormatError(
+                    f"{self.path}: header tensor '{e.name}'.offset: section starts at {e.offset}, expected "
+                    f"{cursor} (sections are contiguous in header order)"
+                )
+            if cursor + e.length > data_size:
+                start = self.data_offset + cursor
+                raise SldFormatError(
+                    f"{self.path}: tensor '{e.name}': section [{start}, {start + e.length}) runs past the end "
+                    f"of the file ({self.file_size} bytes): truncated?"
+                )
+            cursor += e.length
+        if cursor != data_size:
+            raise SldFormatError(
+                f"{self.path}: sections end at offset {self.data_offset + cursor} but the file has "
+                f"{self.file_size} bytes: {data_size - cursor} trailing bytes"
+            )
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file (decoding afterwards is an error)."""
+        self._src.close()
+
+    def __enter__(self) -> "SldFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- access -------------------------------------------------------------------------------
+
+    def module(self, name: str) -> ModuleEntry:
+        try:
+            return self._by_module[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no module named '{name}'") from None
+
+    def entries(self) -> Iterator[TensorEntry]:
+        """Every stored tensor in file order."""
+        return iter_entries(self)
+
+    def _lookup(self, entry_or_name: TensorEntry | str) -> TensorEntry:
+        if isinstance(entry_or_name, TensorEntry):
+            return entry_or_name
+        try:
+            return self._by_tensor[entry_or_name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named '{entry_or_name}'") from None
+
+    def nbytes_module(self, name: str) -> int:
+        """Bytes the module's two sections occupy in the file (header share not included)."""
+        m = self.module(name)
+        return m.A.length + m.B.length
+
+    # -- sections -----------------------------------------------------------------------------
+
+    def _where(self, e: TensorEntry) -> str:
+        return f"{self.path}: tensor '{e.name}' (section at offset {self.data_offset + e.offset})"
+
+    def _crc_fail(self, e: TensorEntry, got: int) -> SldChecksumError:
+        return SldChecksumError(
+            f"{self.path}: tensor '{e.name}': CRC-32 mismatch in the section at offset "
+            f"{self.data_offset + e.offset} ({e.length} bytes, stored {e.crc32:#010x}, computed "
+            f"{got:#010x}): the file is corrupt"
+        )
+
+    def _read(self, offset: int, n: int, e: TensorEntry) -> bytes:
+        try:
+            b = self._src.pread(offset, n)
+        except OSError as exc:
+            raise SldFormatError(f"{self._where(e)}: cannot read: {exc.strerror or exc}") from None
+        if len(b) != n:
+            raise SldFormatError(f"{self._where(e)}: the file is truncated (it changed after it was opened?)")
+        return b
+
+    def _payload(self, e: TensorEntry, sec: bytes | None = None) -> _Payload:
+        """The section, CRC-checked before anything is decompressed, as a payload to read in pieces
+        (``sec``: the section's bytes when the caller has already read them)."""
+        start = self.data_offset + e.offset
+        P = e.payload_nbytes
+        if e.length <= _WHOLE_SECTION:
+            if sec is None:
+                sec = self._read(start, e.length, e)
+            crc = zlib.crc32(sec)
+            if crc != e.crc32:
+                raise self._crc_fail(e, crc)
+            reader: Callable[[int, int], bytes] = lambda off, n: sec[off:off + n]  # noqa: E731
+            source: io.RawIOBase | io.BufferedIOBase = io.BytesIO(sec)
+        else:
+            crc = 0
+            for off in range(0, e.length, _IO_CHUNK):
+                crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
+            if crc != e.crc32:
+                raise self._crc_fail(e, crc)
+            reader = lambda off, n: self._read(start + off, max(0, min(n, e.length - off)), e)  # noqa: E731
+            source = _Range(self._src, start, e.length)
+        if e.compression == "none":
+            pos = 0
+
+            def read_raw(n: int) -> bytes:
+                nonlocal pos
+                b = reader(pos, n)
+                pos += n
+                return b
+
+            return _Payload(read_raw, lambda: None)
+        try:
+            frame = entropy.walk_frame(reader, e.length)
+            entropy.check_size(frame, P)
+        except entropy.FrameLimitError as exc:
+            raise SldLimitError(f"{self._where(e)}: {exc}", limit=exc.limit, requested=exc.requested) from None
+        except entropy.DecompressError as exc:
+            raise SldFormatError(f"{self._where(e)}: {exc}") from None
+        stream = entropy.PayloadStream(source, P)
+
+        def read_z(n: int) -> bytes:
+            try:
+                return stream.read(n)
+            except entropy.DecompressError as exc:
+                raise SldFormatError(f"{self._where(e)}: {exc}") from None
+
+        def finish_z() -> None:
+            try:
+                stream.finish()
+            except entropy.DecompressError as exc:
+                raise SldFormatError(f"{self._where(e)}: {exc}") from None
+
+        return _Payload(read_z, finish_z)
+
+    def read_section(self, entry: TensorEntry) -> bytes:
+        """The tensor's whole payload: section read, CRC-checked, entropy stage undone (exactly
+        ``payload_nbytes`` bytes; the frame cannot make it more)."""
+        e = self._lookup(entry)
+        try:
+            p = self._payload(e)
+            out = p.read(e.payload_nbytes)
+            p.finish()
+            return out
+        except MemoryError:
+            raise self._oom(e, e.payload_nbytes) from None
+
+    def _oom(self, e: TensorEntry | None, need: int) -> SldLimitError:
+        what = f"tensor '{e.name}'" if e is not None else "the header"
+        return SldLimitError(
+            f"{self.path}: {what}: out of memory decoding it ({need:,} bytes needed); decode large tensors "
+            f"in pieces (SldFile.iter_chunks), or lower max_decoded_bytes (--max-decoded-bytes, now "
+            f"{self.max_decoded_bytes:,}) to refuse such files up front",
+            limit=self.max_decoded_bytes,
+            requested=need,
+        )
+
+    # -- decoding in pieces -------------------------------------------------------------------
+
+    def _index_pieces(self, e: TensorEntry, step: int, sec: bytes | None = None,
+                      check_only: bool = False) -> Iterator[np.ndarray | None]:
+        """uint8 indices in runs of ``step`` (a multiple of 8, so each run starts on a byte).
+        ``check_only``: validate without unpacking where the width makes that possible (fields of
+        exactly ``bits`` bits cannot hold an index out of range); yields None then."""
+        p = self._payload(e, sec)
+        n, w = e.numel, e.width
+        done = 0
+        while done < n:
+            k = min(step, n - done)
+            raw = np.frombuffer(p.read((k * w + 7) // 8), dtype=np.uint8)
+            if done + k == n and not padding_is_zero(raw, k, w):
+                raise SldFormatError(f"{self._where(e)}: padding bits after the last index are not zero")
+            if check_only and w == e.bits:
+                done += k
+                yield None
+                continue
+            idx = unpack_indices(raw, k, w)
+            if w > e.bits:
+                top = int(idx.max())
+                if top >= 1 << e.bits:
+                    raise SldFormatError(
+                        f"{self._where(e)}: index {top} at element {done + int(idx.argmax())} out of range "
+                        f"for a {e.bits}-bit codebook"
+                    )
+            yield idx
+            done += k
+        p.finish()
+
+    def _raw_pieces(self, e: TensorEntry, step: int, sec: bytes | None = None) -> Iterator[np.ndarray]:
+        """Raw values in the decoded dtype (BF16 widened exactly to float32), checked finite."""
+        p = self._payload(e, sec)
+        stored, size = RAW_DTYPES[e.dtype]
+        n = e.numel
+        done = 0
+        while done < n:
+            k = min(step, n - done)
+            arr = np.frombuffer(p.read(k * size), dtype=stored)
+            if e.dtype == "BF16":
+                arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            else:
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            if not np.isfinite(arr).all():
+                bad = done + int(np.flatnonzero(~np.isfinite(arr))[0])
+                raise SldFormatError(f"{self._where(e)}: element {bad} is NaN or Inf")
+            yield arr
+            done += k
+        p.finish()
+
+    def _pieces(self, e: TensorEntry, step: int) -> Iterator[np.ndarray]:
+        if e.encoding == "raw":
+            yield from self._raw_pieces(e, step)
+            return
+        cb = e.codebook
+        for idx in self._index_pieces(e, max(8, step - step % 8)):
+            yield cb[idx]
+
+    def iter_chunks(self, entry: TensorEntry | str, max_elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
+        """Decode one tensor in pieces: consecutive runs of its values in row-major order.
+
+        Yields new 1-D arrays of ``entry.decoded_dtype`` (float32; float16 for raw F16, float64
+        for raw F64), each of exactly ``max_elements`` values except the last; concatenated they
+        equal ``tensor(entry).reshape(-1)``. Memory: a few pieces and the zstd window (at most
+        128 MiB, 512 KiB for this writer's sections), never the whole tensor or payload.
+
+        The CRC and the zstd frame's structure are checked before the first piece; the payload's
+        content (index range, padding, finite values, exact size) as it is decoded, so an error
+        can come after some pieces were yielded: a caller writing them out discards them then.
+        """
+        e = self._lookup(entry)
+        if not isinstance(max_elements, int) or max_elements < 1:
+            raise DecodeError(f"max_elements must be a positive int, got {max_elements!r}")
+        step = max_elements
+        if e.encoding == "codebook" and step % 8:
+            pieces = _rechunk(self._pieces(e, max(8, step + 8 - step % 8)), step)
+        else:
+            pieces = self._pieces(e, step)
+        try:
+            for piece in pieces:
+                yield piece
+        except MemoryError:
+            raise self._oom(e, max_elements * e.decoded_dtype.itemsize) from None
+
+    def tensor(self, entry_or_name: TensorEntry | str) -> np.ndarray:
+        """Decode one tensor whole, shaped: codebook tensors to float32 ``codebook[indices]``,
+        raw tensors to float16 (F16), float32 (BF16 widened exactly, F32) or float64 (F64)."""
+        e = self._lookup(entry_or_name)
+        need = e.numel * e.decoded_dtype.itemsize
+        try:
+            out = np.empty(e.numel, dtype=e.decoded_dtype)
+            pos = 0
+            for piece in self._pieces(e, CHUNK_ELEMENTS):
+                out[pos:pos + piece.size] = piece
+                pos += piece.size
+        except MemoryError:
+            raise self._oom(e, need) from None
+        return out.reshape(e.shape)
+
+    def indices(self, entry: TensorEntry) -> np.ndarray:
+        """Codebook indices of a codebook tensor, uint8, flat in row-major order (validated:
+        every index < 2**bits, padding bits zero)."""
+        e = self._lookup(entry)
+        if e.encoding != "codebook":
+            raise DecodeError(f"{self.path}: tensor '{e.name}' is stored raw, it has no indices")
+        try:
+            out = np.empty(e.numel, dtype=np.uint8)
+            pos = 0
+            for idx in self._index_pieces(e, CHUNK_ELEMENTS):
+                out[pos:pos + idx.size] = idx
+                pos += idx.size
+        except MemoryError:
+            raise self._oom(e, e.numel) from None
+        return out
+
+    def raw_array(self, entry: TensorEntry) -> np.ndarray:
+        """A raw tensor's stored values, shaped: float16/float32/float64 as stored, BF16 widened
+        exactly to float32."""
+        e = self._lookup(entry)
+        if e.encoding != "raw":
+            raise DecodeError(f"{self.path}: tensor '{e.name}' is codebook-coded, not raw")
+        return self.tensor(e)
+
+    def check_module(self, module: ModuleEntry | str, a_max: float, b_max: float) -> None:
+        """Section 6.2 with the decoded maxima |A| and |B| (what a raw BF16/F32/F64 factor needs;
+        codebook and F16 factors were checked when the file was opened)."""
+        m = module if isinstance(module, ModuleEntry) else self.module(module)
+        problem = bound_problem(m, a_max, b_max)
+        if problem:
+            raise SldFormatError(f"{self.path}: module '{m.name}': {problem}")
+
+    def dequantize(self, module_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Q(A) (r×in) and Q(B) (out×r) of one module, float32, checked to give a finite ΔW."""
+        m = self.module(module_name)
+        with np.errstate(over="ignore"):  # an F64 factor beyond float32: inf, refused just below
+            A = np.asarray(self.tensor(m.A), dtype=np.float32)
+            B = np.asarray(self.tensor(m.B), dtype=np.float32)
+        if m.A.value_bound is None or m.B.value_bound is None:
+            # float32 maxima: an F64 factor beyond float32's range shows up here as inf.
+            self.check_module(m, float(np.abs(A).max()), float(np.abs(B).max()))
+        return A, B
+
+    def verify(self) -> None:
+        """Decode and check every section in file order, in pieces (bounded memory): CRC, the zstd
+        recipe, exact payload size, padding, index range, finite values, and the module rule with
+        the decoded maxima of raw factors. Returns nothing; raises the first error found."""
+        sections = self._small_sections()
+        for m in self.modules:
+            a = self._verify_entry(m.A, sections)
+            b = self._verify_entry(m.B, sections)
+            if m.A.value_bound is None or m.B.value_bound is None:
+                self.check_module(m, a, b)
+        for t in self.tensors:
+            self._verify_entry(t, sections)
+
+    def check_tensor(self, entry: TensorEntry | str) -> float:
+        """Check one section as :meth:`verify` does (in pieces, nothing kept) and return the
+        largest |value| it decodes to (for a codebook tensor, its codebook's largest |value|).
+        What a caller that hands the packed stream to its own decoder runs first."""
+        return self._verify_entry(self._lookup(entry), iter([None]))
+
+    def _small_sections(self) -> Iterator[bytes | None]:
+        """Each section in file order: its bytes when small (read in large sequential blocks, not
+        one read per section), None when large (streamed by the caller)."""
+        block, block_start = b"", 0
+        for e in iter_entries(self):
+            if e.length > _WHOLE_SECTION:
+                yield None
+                continue
+            if e.offset + e.length > block_start + len(block):
+                block_start = e.offset
+                block = self._read(self.data_offset + e.offset,
+                                   min(max(_IO_CHUNK, e.length), self.file_size - self.data_offset - e.offset), e)
+            yield block[e.offset - block_start:e.offset - block_start + e.length]
+
+    def _verify_entry(self, e: TensorEntry, sections: Iterator[bytes | None]) -> float:
+        """Check one section; returns max |value| (the codebook's bound for codebook tensors)."""
+        sec = next(sections)
+        try:
+            if e.encoding == "codebook":
+                for _ in self._index_pieces(e, CHUNK_ELEMENTS, sec, check_only=True):
+                    pass
+                return float(e.value_bound)
+            top = 0.0
+            for piece in self._raw_pieces(e, CHUNK_ELEMENTS, sec):
+                top = max(top, float(np.abs(piece).max()))
+            return top
+        except MemoryError:
+            raise self._oom(e, CHUNK_ELEMENTS * 8) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"SldFile({self.path!r}, version={self.version}, modules={len(self.modules)}, "
+            f"tensors={len(self.tensors)}, bytes={self.file_size})"
+        )
 
 
-@dataclass(frozen=True)
-class ModuleEntry:
-    """One adapted linear module: ΔW (out×in) = scale·sin(ω·B@A)/γ, or scale·B@A for LoRA."""
+def _check_preamble(path: str, pre: bytes, file_size: int) -> int:
+    """Section 7.2 steps 1-4, on whatever bytes exist: magic, version, preamble length, H."""
+    n = len(pre)
+    head = pre[:8]
+    if head != MAGIC[: len(head)]:
+        return _not_sld(path, head)
+    if n == 0:
+        raise SldFormatError(f"{path}: empty file (0 bytes), not an .sld file")
+    if n >= 12:
+        (version,) = struct.unpack_from("<I", pre, 8)
+        if version not in SUPPORTED_VERSIONS:
+            newer = " (written by a newer deltacodec)" if version > max(SUPPORTED_VERSIONS) else ""
+            raise SldVersionError(
+                f"{path}: container version {version}{newer} at offset 8; this reader supports "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+                found=version,
+                supported=SUPPORTED_VERSIONS,
+            )
+    if n < PREAMBLE_SIZE:
+        raise SldFormatError(f"{path}: truncated: {n} bytes, an .sld file has at least {PREAMBLE_SIZE} (offset 0)")
+    _, version, hlen, _ = _PREAMBLE.unpack(pre)
+    avail = file_size - PREAMBLE_SIZE
+    if hlen > MAX_HEADER_BYTES:
+        raise SldLimitError(
+            f"{path}: header length {hlen:,} at offset 12 is over the limit of {MAX_HEADER_BYTES:,}",
+            limit=MAX_HEADER_BYTES,
+            requested=hlen,
+        )
+    if hlen == 0 or hlen > avail:
+        raise SldFormatError(
+            f"{path}: header length {hlen} at offset 12 is invalid: expected 1..{max(avail, 0)} "
+            f"(the file has {file_size} bytes)"
+        )
+    return version
 
-    name: str
-    sine: bool
-    out_features: int
-    in_features: int
-    rank: int
-    scale: float
-    omega: float | None
-    gamma: float | None
-    fan_in_fan_out: bool
-    A: TensorEntry
-    B: TensorEntry
 
-    @property
-    def bits(self) -> tuple[int, int]:
-        return (self.A.bits, self.B.bits)
+def _not_sld(path: str, head: bytes) -> int:
+    shown = head.decode("ascii", "backslashreplace") if all(32 <= c < 127 for c in head) else head.hex(" ")
+    raise SldFormatError(f"{path}: not an .sld file: it starts with {shown!r}, an .sld file with {MAGIC.hex(' ')}")
 
 
-def dequantize_codebook(codebook_f16: bytes, scale: float) -> np.ndarray:
-    """float32(f16 value) × float32(scale), one correctly rounded fp32 multiply per entry."""
-    return np.frombuffer(codebook_f16, dtype="<f2").astype(np.float32) * np.float32(scale)
+def _rechunk(pieces: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Re-cut consecutive pieces into pieces of exactly ``size`` (the last may be shorter)."""
+    carry: list[np.ndarray] = []
+    have = 0
+    for p in pieces:
+        carry.append(p)
+        have += p.size
+        if have >= size:
+            buf = np.concatenate(carry)
+            cut = (buf.size // size) * size
+            for i in range(0, cut, size):
+                yield buf[i:i + size].copy()
+            carry = [buf[cut:]] if cut < buf.size else []
+            have = buf.size - cut
+    if have:
+        yield np.concatenate(carry)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,21 +689,28 @@ def _tensor_map(t: dict[str, Any], offset: int, section: bytes) -> dict[str, Any
 
 
 def build_container(
-    metadata: dict[str, Any], modules: list[dict[str, Any]], tensors: list[dict[str, Any]]
+    metadata: dict[str, Any],
+    modules: list[dict[str, Any]],
+    tensors: list[dict[str, Any]],
+    *,
+    name: str = "the output",
 ) -> bytes:
-    """Serialise a whole file. Deterministic: same arguments, same bytes.
+    """Serialise a whole file, then check it with the reader's own rules before returning it.
 
     Each module dict has name, sine, out_features, in_features, rank, scale, omega, gamma,
     fan_in_fan_out and A/B tensor dicts; each tensor dict has shape, encoding and its fields plus
     ``section`` (the stored bytes, after the entropy stage). Sections are laid out in header
-    order: for each module A then B, then the extra tensors.
+    order: for each module A then B, then the extra tensors. Deterministic: same arguments, same
+    bytes. Anything a reader would reject (a bad name, a collision, NaN, a value that cannot be
+    finite, a limit) raises :class:`EncodeError` naming ``name`` and the tensor or module; the
+    caller has then written nothing.
     """
     sections: list[bytes] = []
     offset = 0
 
     def place(t: dict[str, Any]) -> dict[str, Any]:
         nonlocal offset
-        sec = t["section"]
+        sec = bytes(t["section"])
         m = _tensor_map(t, offset, sec)
         sections.append(sec)
         offset += len(sec)
@@ -204,12 +739,27 @@ def build_container(
         m.update(place(t))
         extras.append(m)
     header = {"metadata": metadata, "modules": mods, "tensors": extras}
-    packed = msgpack.packb(header, use_bin_type=True)
-    hdr = zstandard.ZstdCompressor(
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"{name}: the header cannot be written as msgpack: {exc}") from None
+    hdr = zstandard_compress_header(packed)
+    pre = _PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr))
+    data = b"".join([pre, hdr, *sections])
+    try:
+        SldFile.from_bytes(data, name, max_decoded_bytes=_NO_LIMIT).verify()
+    except SldError as exc:
+        raise EncodeError(f"{exc} (refusing to write a file the reader would reject)") from None
+    return data
+
+
+def zstandard_compress_header(packed: bytes) -> bytes:
+    """The header frame: zstd level 19 with its content size, no checksum, no dictionary id."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(
         level=HEADER_LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
     ).compress(packed)
-    pre = _PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr))
-    return b"".join([pre, hdr, *sections])
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:
@@ -241,425 +791,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Reader
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
-
-
-class _Validator:
-    """Checks header types and ranges; every failure names the file and the key path."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def fail(self, where: str, msg: str) -> SldFormatError:
-        return SldFormatError(f"{self.path}: header {where}: {msg}")
-
-    def get(self, m: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
-        if key not in m:
-            raise self.fail(where, f"missing key '{key}'")
-        v = m[key]
-        if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise self.fail(f"{where}.{key}", f"expected {_tname(types)}, got bool")
-        if not isinstance(v, types):
-            raise self.fail(f"{where}.{key}", f"expected {_tname(types)}, got {type(v).__name__}")
-        return v
-
-    def keys(self, m: dict[str, Any], allowed: set[str], where: str) -> None:
-        extra = set(m) - allowed
-        if extra:
-            raise self.fail(where, f"unknown keys {sorted(map(str, extra))}")
-
-    def integer(self, m: dict[str, Any], key: str, lo: int, hi: int, where: str) -> int:
-        v = self.get(m, key, int, where)
-        if not lo <= v <= hi:
-            raise self.fail(f"{where}.{key}", f"{v} is outside [{lo}, {hi}]")
-        return v
-
-    def real(self, m: dict[str, Any], key: str, where: str) -> float:
-        v = self.get(m, key, (int, float), where)
-        v = float(v)
-        if not math.isfinite(v):
-            raise self.fail(f"{where}.{key}", f"{v} is not finite")
-        return v
-
-
-def _tname(types: type | tuple[type, ...]) -> str:
-    if isinstance(types, tuple):
-        return " or ".join(t.__name__ for t in types)
-    return types.__name__
-
-
-_TENSOR_KEYS_CODEBOOK = {
-    "shape", "encoding", "bits", "width", "quantizer", "codebook", "codebook_scale",
-    "compression", "offset", "length", "crc32",
-}
-_TENSOR_KEYS_RAW = {"shape", "encoding", "dtype", "compression", "offset", "length", "crc32"}
-_MODULE_KEYS = {
-    "name", "kind", "out_features", "in_features", "rank", "scale", "omega", "gamma",
-    "fan_in_fan_out", "A", "B",
-}
-
-
-class SldFile:
-    """A validated ``.sld`` file: header parsed and checked, tensors decoded on request.
-
-    Opening reads the 20-byte preamble and the header only. Every size in the header is checked
-    against fixed caps and the file size before anything is allocated, and the sections must be
-    contiguous, in header order, and end exactly at the end of the file.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, max_decoded_bytes: int | None = None) -> None:
-        self.path = os.fspath(path)
-        self.max_decoded_bytes = DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else int(max_decoded_bytes)
-        try:
-            self.file_size = os.path.getsize(self.path)
-            with open(self.path, "rb") as fh:
-                pre = fh.read(PREAMBLE_SIZE)
-                if len(pre) < PREAMBLE_SIZE:
-                    raise SldFormatError(
-                        f"{self.path}: truncated: {len(pre)} bytes, an .sld file has at least "
-                        f"{PREAMBLE_SIZE} (offset 0)"
-                    )
-                magic, version, hlen, hcrc = _PREAMBLE.unpack(pre)
-                if magic != MAGIC:
-                    raise SldFormatError(
-                        f"{self.path}: not an .sld file: bytes 0-7 are {magic!r}, expected {MAGIC!r}"
-                    )
-                if version not in SUPPORTED_VERSIONS:
-                    newer = " (written by a newer deltacodec)" if version > max(SUPPORTED_VERSIONS) else ""
-                    raise SldVersionError(
-                        f"{self.path}: container version {version}{newer} at offset 8; this reader "
-                        f"supports {', '.join(map(str, SUPPORTED_VERSIONS))}",
-                        found=version,
-                        supported=SUPPORTED_VERSIONS,
-                    )
-                avail = self.file_size - PREAMBLE_SIZE
-                if hlen == 0 or hlen > MAX_HEADER_BYTES or hlen > avail:
-                    raise SldFormatError(
-                        f"{self.path}: header length {hlen} at offset 12 is invalid: expected "
-                        f"1..{min(MAX_HEADER_BYTES, avail)} (file has {self.file_size} bytes)"
-                    )
-                raw_header = fh.read(hlen)
-        except OSError as exc:
-            raise SldFormatError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
-        if len(raw_header) != hlen:
-            raise SldFormatError(f"{self.path}: truncated inside the header (offset {PREAMBLE_SIZE})")
-        if zlib.crc32(raw_header) != hcrc:
-            raise SldChecksumError(
-                f"{self.path}: header CRC-32 mismatch (header at offset {PREAMBLE_SIZE}, "
-                f"{hlen} bytes): the file is corrupt"
-            )
-        self.version = version
-        self.header_size = PREAMBLE_SIZE + hlen
-        self.data_offset = PREAMBLE_SIZE + hlen
-        header = self._parse_header(raw_header)
-        self._validate(header)
-        need = self.decoded_nbytes
-        if need > self.max_decoded_bytes:
-            raise SldLimitError(
-                f"{self.path}: decoding needs {need:,} bytes, over the limit of "
-                f"{self.max_decoded_bytes:,} (max_decoded_bytes / --max-decoded-bytes raises it)",
-                limit=self.max_decoded_bytes,
-                requested=need,
-            )
-
-    @property
-    def decoded_nbytes(self) -> int:
-        """Bytes every tensor takes decoded: float32 each, float64 for F64 extras."""
-        return sum(e.numel * (8 if e.dtype == "F64" else 4) for e in self.entries())
-
-    # -- header -------------------------------------------------------------------------------
-
-    def _parse_header(self, raw: bytes) -> dict[str, Any]:
-        try:
-            params = zstandard.get_frame_parameters(raw)
-            declared = params.content_size
-            if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > MAX_HEADER_DECODED:
-                raise SldFormatError(
-                    f"{self.path}: header declares {declared} decoded bytes, the cap is {MAX_HEADER_DECODED}"
-                )
-            decoded = zstandard.ZstdDecompressor().decompress(
-                raw, max_output_size=MAX_HEADER_DECODED, allow_extra_data=False
-            )
-        except zstandard.ZstdError as exc:
-            raise SldFormatError(
-                f"{self.path}: header at offset {PREAMBLE_SIZE} is not a valid zstd frame: {exc}"
-            ) from None
-        try:
-            obj = msgpack.unpackb(
-                decoded,
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-                ext_hook=_ext_hook,
-                max_str_len=MAX_HEADER_DECODED,
-                max_bin_len=MAX_HEADER_DECODED,
-                max_array_len=MAX_ENTRIES,
-                max_map_len=MAX_ENTRIES,
-                max_ext_len=MAX_HEADER_DECODED,
-            )
-        except Exception as exc:  # msgpack raises several unrelated types on bad input
-            raise SldFormatError(f"{self.path}: header is not valid msgpack: {exc}") from None
-        if not isinstance(obj, dict):
-            raise SldFormatError(f"{self.path}: header must be a msgpack map, got {type(obj).__name__}")
-        return obj
-
-    def _validate(self, header: dict[str, Any]) -> None:
-        v = _Validator(self.path)
-        v.keys(header, {"metadata", "modules", "tensors"}, "root")
-        meta = v.get(header, "metadata", dict, "root")
-        mods = v.get(header, "modules", list, "root")
-        tens = v.get(header, "tensors", list, "root")
-        if len(mods) + len(tens) > MAX_ENTRIES:
-            raise v.fail("root", f"{len(mods) + len(tens)} entries exceed the cap {MAX_ENTRIES}")
-        if not mods and not tens:
-            raise v.fail("root", "no modules and no tensors: an empty adapter")
-        self.metadata: dict[str, Any] = meta
-        data_size = self.file_size - self.data_offset
-        cursor = 0
-        names: set[str] = set()
-
-        def name_of(m: dict[str, Any], where: str) -> str:
-            n = v.get(m, "name", str, where)
-            if not n or len(n.encode()) > MAX_NAME_BYTES:
-                raise v.fail(f"{where}.name", f"must be 1..{MAX_NAME_BYTES} bytes")
-            if n in names:
-                raise v.fail(f"{where}.name", f"duplicate name '{n}'")
-            names.add(n)
-            return n
-
-        def tensor(m: Any, name: str, where: str) -> TensorEntry:
-            nonlocal cursor
-            if not isinstance(m, dict):
-                raise v.fail(where, f"expected a map, got {type(m).__name__}")
-            enc = v.get(m, "encoding", str, where)
-            if enc == "codebook":
-                v.keys(m, _TENSOR_KEYS_CODEBOOK, where)
-            elif enc == "raw":
-                v.keys(m, _TENSOR_KEYS_RAW, where)
-            else:
-                raise v.fail(f"{where}.encoding", f"'{enc}' is not one of codebook, raw")
-            shape = v.get(m, "shape", list, where)
-            if not 1 <= len(shape) <= MAX_NDIM:
-                raise v.fail(f"{where}.shape", f"must have 1..{MAX_NDIM} dimensions")
-            for d in shape:
-                if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIM:
-                    raise v.fail(f"{where}.shape", f"dimension {d!r} is not an integer in [1, {MAX_DIM}]")
-            if math.prod(shape) > MAX_NUMEL:
-                raise v.fail(f"{where}.shape", f"{math.prod(shape)} elements exceed the cap {MAX_NUMEL}")
-            comp = v.get(m, "compression", str, where)
-            if comp not in COMPRESSIONS:
-                raise v.fail(f"{where}.compression", f"'{comp}' is not one of {', '.join(COMPRESSIONS)}")
-            if enc == "codebook":
-                bits = v.integer(m, "bits", 1, 8, where)
-                width = v.integer(m, "width", bits, 8, where)
-                quant = v.get(m, "quantizer", str, where)
-                if quant not in QUANTIZERS:
-                    raise v.fail(f"{where}.quantizer", f"'{quant}' is not one of {', '.join(QUANTIZERS)}")
-                cb = v.get(m, "codebook", bytes, where)
-                if len(cb) != 2 * (1 << bits):
-                    raise v.fail(f"{where}.codebook", f"{len(cb)} bytes, expected {2 * (1 << bits)} (2**bits float16)")
-                scale = v.real(m, "codebook_scale", where)
-                if scale < 0 or float(np.float32(scale)) != scale:
-                    raise v.fail(f"{where}.codebook_scale", f"{scale!r} is not a non-negative float32 value")
-                if not np.isfinite(np.frombuffer(cb, dtype="<f2")).all():
-                    raise v.fail(f"{where}.codebook", "contains NaN or Inf")
-                dtype = None
-            else:
-                dtype = v.get(m, "dtype", str, where)
-                if dtype not in RAW_DTYPES:
-                    raise v.fail(f"{where}.dtype", f"'{dtype}' is not one of {', '.join(RAW_DTYPES)}")
-                bits, width, quant, cb, scale = RAW_DTYPES[dtype][1], 0, None, None, None
-            off = v.integer(m, "offset", 0, MAX_NUMEL * 4, where)
-            length = v.integer(m, "length", 0, MAX_NUMEL * 4, where)
-            crc = v.integer(m, "crc32", 0, 0xFFFFFFFF, where)
-            if off != cursor:
-                raise v.fail(
-                    f"{where}.offset",
-                    f"section starts at {off}, expected {cursor} (sections are contiguous in header order)",
-                )
-            if cursor + length > data_size:
-                raise SldFormatError(
-                    f"{self.path}: tensor '{name}': section [{self.data_offset + off}, "
-                    f"{self.data_offset + off + length}) runs past the end of the file ({self.file_size} bytes): truncated?"
-                )
-            entry = TensorEntry(name, tuple(shape), enc, bits, width, quant, dtype, cb, scale, comp, off, length, crc)
-            if comp == "none" and length != entry.payload_nbytes:
-                raise v.fail(f"{where}.length", f"{length} bytes stored uncompressed, shape needs {entry.payload_nbytes}")
-            if comp == "zstd" and length == 0:
-                raise v.fail(f"{where}.length", "a zstd section cannot be empty")
-            cursor += length
-            return entry
-
-        modules: list[ModuleEntry] = []
-        for i, m in enumerate(mods):
-            where = f"modules[{i}]"
-            if not isinstance(m, dict):
-                raise v.fail(where, f"expected a map, got {type(m).__name__}")
-            v.keys(m, _MODULE_KEYS, where)
-            name = name_of(m, where)
-            where = f"module '{name}'"
-            kind = v.get(m, "kind", str, where)
-            if kind not in ("lora", "sine"):
-                raise v.fail(f"{where}.kind", f"'{kind}' is not one of lora, sine")
-            out_f = v.integer(m, "out_features", 1, MAX_DIM, where)
-            in_f = v.integer(m, "in_features", 1, MAX_DIM, where)
-            rank = v.integer(m, "rank", 1, MAX_DIM, where)
-            scale = v.real(m, "scale", where)
-            omega = gamma = None
-            if kind == "sine":
-                omega = v.real(m, "omega", where)
-                gamma = v.real(m, "gamma", where)
-                if omega == 0:
-                    raise v.fail(f"{where}.omega", "a sine module needs a non-zero omega")
-                if gamma <= 0:
-                    raise v.fail(f"{where}.gamma", f"{gamma} must be > 0")
-            elif "omega" in m or "gamma" in m:
-                raise v.fail(where, "a lora module has no omega or gamma")
-            fifo = v.get(m, "fan_in_fan_out", bool, where)
-            a = tensor(m.get("A"), f"{name}.lora_A.weight", f"{where}.A")
-            b = tensor(m.get("B"), f"{name}.lora_B.weight", f"{where}.B")
-            if a.shape != (rank, in_f):
-                raise v.fail(f"{where}.A.shape", f"{list(a.shape)}, expected [rank, in_features] = {[rank, in_f]}")
-            if b.shape != (out_f, rank):
-                raise v.fail(f"{where}.B.shape", f"{list(b.shape)}, expected [out_features, rank] = {[out_f, rank]}")
-            modules.append(ModuleEntry(name, kind == "sine", out_f, in_f, rank, scale, omega, gamma, fifo, a, b))
-        tensors: list[TensorEntry] = []
-        for i, m in enumerate(tens):
-            where = f"tensors[{i}]"
-            if not isinstance(m, dict):
-                raise v.fail(where, f"expected a map, got {type(m).__name__}")
-            name = name_of(m, where)
-            rest = {k: val for k, val in m.items() if k != "name"}
-            tensors.append(tensor(rest, name, f"tensor '{name}'"))
-        if cursor != data_size:
-            raise SldFormatError(
-                f"{self.path}: sections end at offset {self.data_offset + cursor} but the file has "
-                f"{self.file_size} bytes: {data_size - cursor} trailing bytes"
-            )
-        self.modules: list[ModuleEntry] = modules
-        self.tensors: list[TensorEntry] = tensors
-        self._by_module = {m.name: m for m in modules}
-        self._by_tensor = {t.name: t for t in tensors}
-
-    # -- access -------------------------------------------------------------------------------
-
-    def module(self, name: str) -> ModuleEntry:
-        try:
-            return self._by_module[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no module named '{name}'") from None
-
-    def entries(self) -> Iterator[TensorEntry]:
-        """Every stored tensor in file order."""
-        for m in self.modules:
-            yield m.A
-            yield m.B
-        yield from self.tensors
-
-    def read_section(self, entry: TensorEntry) -> bytes:
-        """The tensor's payload: section read, CRC-checked, entropy stage undone (bounded)."""
-        start = self.data_offset + entry.offset
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(start)
-                sec = fh.read(entry.length)
-        except OSError as exc:
-            raise SldFormatError(f"{self.path}: cannot read tensor '{entry.name}': {exc}") from None
-        if len(sec) != entry.length:
-            raise SldFormatError(
-                f"{self.path}: tensor '{entry.name}': section at offset {start} is truncated "
-                f"({len(sec)} of {entry.length} bytes)"
-            )
-        if zlib.crc32(sec) != entry.crc32:
-            raise SldChecksumError(
-                f"{self.path}: tensor '{entry.name}': CRC-32 mismatch in the section at offset "
-                f"{start} ({entry.length} bytes): the file is corrupt"
-            )
-        if entry.compression == "none":
-            return sec
-        try:
-            return entropy.decompress_exact(sec, entry.payload_nbytes)
-        except entropy.DecompressError as exc:
-            raise SldFormatError(f"{self.path}: tensor '{entry.name}' (section at offset {start}): {exc}") from None
-
-    def indices(self, entry: TensorEntry) -> np.ndarray:
-        """Codebook indices of a codebook tensor, uint8, flat in row-major order."""
-        if entry.encoding != "codebook":
-            raise ValueError(f"tensor '{entry.name}' is stored raw, it has no indices")
-        payload = np.frombuffer(self.read_section(entry), dtype=np.uint8)
-        start = self.data_offset + entry.offset
-        if not padding_is_zero(payload, entry.numel, entry.width):
-            raise SldFormatError(
-                f"{self.path}: tensor '{entry.name}' (section at offset {start}): padding bits "
-                "after the last index are not zero"
-            )
-        idx = unpack_indices(payload, entry.numel, entry.width)
-        if entry.width > entry.bits and idx.size and int(idx.max()) >= (1 << entry.bits):
-            raise SldFormatError(
-                f"{self.path}: tensor '{entry.name}' (section at offset {start}): index "
-                f"{int(idx.max())} out of range for a {entry.bits}-bit codebook"
-            )
-        return idx
-
-    def raw_array(self, entry: TensorEntry) -> np.ndarray:
-        """A raw tensor's stored values: float16/float32 as stored; BF16 widened exactly to float32."""
-        if entry.encoding != "raw":
-            raise ValueError(f"tensor '{entry.name}' is codebook-coded, not raw")
-        payload = self.read_section(entry)
-        dt = RAW_DTYPES[entry.dtype][0]
-        arr = np.frombuffer(payload, dtype=dt).reshape(entry.shape)
-        if entry.dtype == "BF16":
-            arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
-        else:
-            arr = arr.astype(dt.newbyteorder("="), copy=True)
-        if not np.isfinite(arr).all():
-            raise SldFormatError(
-                f"{self.path}: tensor '{entry.name}' (section at offset "
-                f"{self.data_offset + entry.offset}) contains NaN or Inf"
-            )
-        return arr
-
-    def tensor(self, entry_or_name: TensorEntry | str) -> np.ndarray:
-        """Decode one tensor: codebook tensors to float32 codebook[indices]; raw as :meth:`raw_array`."""
-        entry = self._lookup(entry_or_name)
-        if entry.encoding == "raw":
-            return self.raw_array(entry)
-        return entry.codebook[self.indices(entry)].reshape(entry.shape)
-
-    def dequantize(self, module_name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Q(A) (r×in) and Q(B) (out×r) of one module, float32."""
-        m = self.module(module_name)
-        return (
-            np.asarray(self.tensor(m.A), dtype=np.float32),
-            np.asarray(self.tensor(m.B), dtype=np.float32),
-        )
-
-    def nbytes_module(self, name: str) -> int:
-        """Bytes the module's two sections occupy in the file (header share not included)."""
-        m = self.module(name)
-        return m.A.length + m.B.length
-
-    def _lookup(self, entry_or_name: TensorEntry | str) -> TensorEntry:
-        if isinstance(entry_or_name, TensorEntry):
-            return entry_or_name
-        if entry_or_name in self._by_tensor:
-            return self._by_tensor[entry_or_name]
-        for m in self.modules:
-            if entry_or_name == m.A.name:
-                return m.A
-            if entry_or_name == m.B.name:
-                return m.B
-        raise KeyError(f"{self.path}: no tensor named '{entry_or_name}'")
-
-    def __repr__(self) -> str:
-        return (
-            f"SldFile({self.path!r}, version={self.version}, modules={len(self.modules)}, "
-            f"tensors={len(self.tensors)}, bytes={self.file_size})"
-        )
