@@ -107,7 +107,7 @@ def main() -> None:
             for bits in args.bits:
                 path = os.path.join(tmp, f"r{rank}b{bits}.sld")
                 t0 = time.perf_counter()
-                encode(adapter, bits=bits, out=path)
+                encode(adapter, bits=bits, out=path, force=True)
                 t_enc = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 f = load(path)

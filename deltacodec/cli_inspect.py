@@ -14,7 +14,7 @@ from typing import Any
 
 from .cli_args import limit_help, size_arg
 from .cli_text import dumps, escape, one_line
-from .errors import SldError, SldFormatError
+from .errors import SldError
 
 __all__ = ["inspect_summary", "format_inspect", "verify_file", "add_inspect_parser", "add_verify_parser"]
 
@@ -22,9 +22,7 @@ __all__ = ["inspect_summary", "format_inspect", "verify_file", "add_inspect_pars
 def _open(path: str, max_decoded_bytes: int | None):
     from .format import SldFile
 
-    # Passed only when given, so a reader without the keyword still works with the default.
-    kw = {} if max_decoded_bytes is None else {"max_decoded_bytes": max_decoded_bytes}
-    return SldFile(path, **kw)
+    return SldFile(path, max_decoded_bytes=max_decoded_bytes)
 
 
 def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[str, Any]:
@@ -152,29 +150,16 @@ def verify_file(path: str, *, max_decoded_bytes: int | None = None) -> dict[str,
     the size the shape implies, zero padding bits, indices within the codebook, and finite
     decoded values. Peak memory is one decoded tensor.
     """
-    import numpy as np
-
-    f = _open(path, max_decoded_bytes)
-    check = getattr(f, "verify", None)
-    if callable(check):
-        check()
-    else:  # a reader without SldFile.verify(): decoding each tensor runs the same section checks
-        for e in f.entries():
-            values = f.tensor(e)
-            if not np.isfinite(values).all():
-                raise SldFormatError(
-                    f"{f.path}: tensor '{e.name}' (section at offset {f.data_offset + e.offset}): "
-                    "decoded values are not finite"
-                )
-            del values
-    return {
-        "file": f.path,
-        "ok": True,
-        "modules": len(f.modules),
-        "tensors": sum(1 for _ in f.entries()),
-        "bytes": f.file_size,
-        "decoded_bytes": f.decoded_nbytes,
-    }
+    with _open(path, max_decoded_bytes) as f:
+        f.verify()
+        return {
+            "file": f.path,
+            "ok": True,
+            "modules": len(f.modules),
+            "tensors": sum(1 for _ in f.entries()),
+            "bytes": f.file_size,
+            "decoded_bytes": f.decoded_nbytes,
+        }
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ def encode(
         "base_model": config.get("base_model_name_or_path"),
         "adapter_config": config,
     }
-    write_bytes(out, build_container(metadata, modules, tensors), inputs=inputs, force=force)
+    write_bytes(out, build_container(metadata, modules, tensors, name=out), inputs=inputs, force=force)
     return out
 
 
@@ -277,8 +277,9 @@ def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _chunks(f: SldFile, e: TensorEntry) -> Iterable[np.ndarray]:
-    """The decoded values of one tensor in row-major pieces (one piece: the whole tensor)."""
-    return [f.tensor(e)]
+    """The decoded values of one tensor in row-major pieces of bounded size (the reader streams
+    the section: neither the tensor nor its payload is ever held whole)."""
+    return f.iter_chunks(e)
 
 
 def _plain_config(value: Any) -> dict[str, Any] | None:

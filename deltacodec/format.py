@@ -23,7 +23,6 @@ import io
 import os
 import stat
 import struct
-import tempfile
 import weakref
 import zlib
 from typing import Any, Callable, Iterable, Iterator
@@ -65,7 +64,6 @@ __all__ = [
     "ModuleEntry",
     "SldFile",
     "build_container",
-    "atomic_write",
     "dequantize_codebook",
     "MAX_HEADER_BYTES",
     "MAX_HEADER_DECODED",
@@ -705,6 +703,23 @@ def build_container(
     finite, a limit) raises :class:`EncodeError` naming ``name`` and the tensor or module; the
     caller has then written nothing.
     """
+    data = serialize_unchecked(metadata, modules, tensors, name=name)
+    try:
+        SldFile.from_bytes(data, name, max_decoded_bytes=_NO_LIMIT).verify()
+    except SldError as exc:
+        raise EncodeError(f"{exc} (refusing to write a file the reader would reject)") from None
+    return data
+
+
+def serialize_unchecked(
+    metadata: Any,
+    modules: list[dict[str, Any]],
+    tensors: list[dict[str, Any]],
+    *,
+    name: str = "the output",
+) -> bytes:
+    """The bytes :func:`build_container` would check, unchecked: only for crafting invalid files
+    in tests and attack vectors. Anything shipped goes through :func:`build_container`."""
     sections: list[bytes] = []
     offset = 0
 
@@ -745,12 +760,7 @@ def build_container(
         raise EncodeError(f"{name}: the header cannot be written as msgpack: {exc}") from None
     hdr = zstandard_compress_header(packed)
     pre = _PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr))
-    data = b"".join([pre, hdr, *sections])
-    try:
-        SldFile.from_bytes(data, name, max_decoded_bytes=_NO_LIMIT).verify()
-    except SldError as exc:
-        raise EncodeError(f"{exc} (refusing to write a file the reader would reject)") from None
-    return data
+    return b"".join([pre, hdr, *sections])
 
 
 def zstandard_compress_header(packed: bytes) -> bytes:
@@ -760,34 +770,3 @@ def zstandard_compress_header(packed: bytes) -> bytes:
     return zstandard.ZstdCompressor(
         level=HEADER_LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
     ).compress(packed)
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:
-    """Write ``data`` to a temp file in the target directory, fsync, then rename over ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".sld-", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates 0600; the result should have the permissions open() would give it.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                fh.write(data)
-            else:
-                for chunk in data:
-                    fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from deltacodec.cli import main
-from deltacodec.format import build_container
+from deltacodec.format import build_container, serialize_unchecked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,10 +85,13 @@ def lora_module(name: str, out_f: int = 2, in_f: int = 3, rank: int = 1, seed: i
 
 
 def write_sld(path: str | os.PathLike, *, metadata: Any = None, modules: list | None = None,
-              tensors: list | None = None) -> str:
-    """A small valid .sld (one LoRA module unless given) with the given header metadata."""
+              tensors: list | None = None, checked: bool = True) -> str:
+    """A small .sld (one LoRA module unless given) with the given header metadata. ``checked``:
+    through the writer, which refuses what a reader would reject; False writes the bytes anyway
+    (damaged sections, names or metadata a reader must refuse)."""
     if modules is None and tensors is None:
         modules = [lora_module("layers.0.q_proj")]
     meta = {"method": "lora", "encoder": "test"} if metadata is None else metadata
-    Path(path).write_bytes(build_container(meta, modules or [], tensors or []))
+    build = build_container if checked else serialize_unchecked
+    Path(path).write_bytes(build(meta, modules or [], tensors or []))
     return str(path)

@@ -221,54 +221,86 @@ FILE_EXAMPLES = settings(max_examples=max(10, settings.default.max_examples // 3
        known=st.fixed_dictionaries({}, optional={k: MSGPACK_VALUES for k in ("method", "encoder", "base_model",
                                                                              "adapter_config")}))
 def test_inspect_prints_any_header_metadata_as_strict_json(metadata, known):
+    # Written unchecked: metadata the reader refuses (a bytes map key, an extension type, nesting
+    # over the cap) must give one line, everything it accepts must print as strict JSON.
     meta = msgpack_roundtrip({**metadata, **known})
     with tempfile.TemporaryDirectory() as d:
-        _check_inspect(write_sld(os.path.join(d, "m.sld"), metadata=meta), meta)
+        path = write_sld(os.path.join(d, "m.sld"), metadata=meta, checked=False)
+        if _reader_accepts(path):
+            _check_inspect(path, meta)
+        else:
+            rc, _, err = run_captured("inspect", path)
+            assert_one_line_error(rc, err, path)
+
+
+def _nested(depth: int):
+    v = "bottom"
+    for i in range(depth):
+        v = [v] if i % 2 else {"k": v}
+    return v
+
+
+@pytest.mark.parametrize("where", ["base_model", "adapter_config", "other"])
+def test_inspect_of_nested_metadata_within_the_cap(tmp_path, where):
+    meta = {"method": "lora", where: _nested(20)}
+    _check_inspect(write_sld(tmp_path / "deep.sld", metadata=meta), msgpack_roundtrip(meta))
 
 
 @pytest.mark.parametrize("where", ["base_model", "adapter_config", "other"])
 @pytest.mark.parametrize("depth", [100, 1000])
-def test_inspect_of_deeply_nested_metadata(tmp_path, where, depth):
-    v = "bottom"
-    for i in range(depth):
-        v = [v] if i % 2 else {"k": v}
-    meta = {"method": "lora", where: v}
-    _check_inspect(write_sld(tmp_path / "deep.sld", metadata=meta), msgpack_roundtrip(meta))
+def test_inspect_of_metadata_nested_beyond_the_cap_is_one_line(tmp_path, where, depth):
+    path = write_sld(tmp_path / "deep.sld", metadata={"method": "lora", where: _nested(depth)}, checked=False)
+    for extra in ((), ("--json",)):
+        rc, out, err = run_captured("inspect", path, *extra)
+        assert out == ""
+        assert_one_line_error(rc, err, path, "nest")
 
 
-EVIL = ["q\nsld: error: forged", "clear\x1b[2J\x1b[H", "bidi\u202egnp.exe", "c1\x9b31m", "cr\rover", "tab\tname",
-        "back\\slash", "zero\u200bwidth", "nul\x00byte"]
+# Names a reader accepts but a terminal would render misleadingly; control characters (C0, DEL,
+# C1) are refused by the reader, so they reach the CLI only inside metadata or as a refused name.
+TRICKY = ["bidi\u202egnp.exe", "zero\u200bwidth", "back\\slash", "line\u2028sep", "sq'uote"]
+CONTROL = ["q\nsld: error: forged", "clear\x1b[2J\x1b[H", "c1\x9b31m", "cr\rover", "tab\tname", "nul\x00byte"]
 
 
-def _evil_file(path) -> str:
-    modules = [lora_module(name, seed=i) for i, name in enumerate(EVIL)]
-    tensors = [{"name": "extra\n" + name, **raw_tensor(np.ones(2), "F32")} for name in EVIL]
-    meta = {"method": "lora\x1b[31m", "encoder": "x\ny", "base_model": b"\x1b[2J"}
+def _tricky_file(path) -> str:
+    modules = [lora_module(name, seed=i) for i, name in enumerate(TRICKY)]
+    tensors = [{"name": "extra." + name, **raw_tensor(np.ones(2), "F32")} for name in TRICKY]
+    meta = {"method": "lora\x1b[31m", "encoder": "x\ny", "base_model": b"\x1b[2J", "note": CONTROL}
     return write_sld(path, metadata=meta, modules=modules, tensors=tensors)
 
 
 def test_inspect_text_escapes_names_and_metadata(tmp_path):
-    path = _evil_file(tmp_path / "evil.sld")
+    path = _tricky_file(tmp_path / "tricky.sld")
     rc, out, err = run_captured("inspect", path)
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert all(line.isprintable() for line in lines)
     assert not any(line.startswith("sld:") for line in lines)
-    assert len(lines) == 7 + 3 * len(EVIL)  # header lines + one row per tensor + total + note
+    assert len(lines) == 7 + 3 * len(TRICKY)  # header lines + one row per tensor + total + note
     assert "  method      lora\\x1b[31m    encoder x\\ny" in lines
     assert '  base model  {"$bytes_hex": "1b5b324a"}' in lines
-    for name in EVIL:
+    for name in TRICKY:
         assert any(line.startswith("  " + escape(name) + ".lora_A.weight") for line in lines), name
-        assert any(line.startswith("  extra\\n" + escape(name)) for line in lines), name
+        assert any(line.startswith("  extra." + escape(name)) for line in lines), name
 
 
-def test_inspect_json_keeps_names_exactly(tmp_path):
-    rc, out, err = run_captured("inspect", _evil_file(tmp_path / "evil.sld"), "--json")
+def test_inspect_json_keeps_names_and_metadata_exactly(tmp_path):
+    rc, out, err = run_captured("inspect", _tricky_file(tmp_path / "tricky.sld"), "--json")
     assert rc == 0
     s = strict_loads(out)
-    assert [m["name"] for m in s["modules"]] == EVIL
-    assert [t["name"] for t in s["tensors"]][-len(EVIL):] == ["extra\n" + n for n in EVIL]
+    assert [m["name"] for m in s["modules"]] == TRICKY
+    assert [t["name"] for t in s["tensors"]][-len(TRICKY):] == ["extra." + n for n in TRICKY]
     assert s["base_model"] == {"$bytes_hex": "1b5b324a"}
+    assert s["metadata"]["note"] == CONTROL
+
+
+@pytest.mark.parametrize("name", CONTROL)
+def test_a_name_with_a_control_character_is_refused_in_one_printable_line(tmp_path, name):
+    path = write_sld(tmp_path / "ctl.sld", modules=[lora_module(name)], checked=False)
+    for verb in ("inspect", "verify", "stats"):
+        rc, out, err = run_captured(verb, path)
+        line = assert_one_line_error(rc, err, path, "control character")
+        assert line.isprintable() and out == ""
 
 
 @FILE_EXAMPLES
@@ -276,7 +308,8 @@ def test_inspect_json_keeps_names_exactly(tmp_path):
 def test_inspect_escapes_any_name_the_reader_accepts(name):
     with tempfile.TemporaryDirectory() as d:
         try:
-            path = write_sld(os.path.join(d, "n.sld"), tensors=[{"name": name, **raw_tensor(np.ones(2), "F32")}])
+            path = write_sld(os.path.join(d, "n.sld"), tensors=[{"name": name, **raw_tensor(np.ones(2), "F32")}],
+                             checked=False)
         except UnicodeEncodeError:  # a lone surrogate cannot be written as UTF-8: not a possible name
             return
         if not _reader_accepts(path):
@@ -291,18 +324,18 @@ def test_inspect_escapes_any_name_the_reader_accepts(name):
 
 
 def test_stats_and_verify_escape_names(tmp_path):
-    path = _evil_file(tmp_path / "evil.sld")
+    path = _tricky_file(tmp_path / "tricky.sld")
     rc, out, err = run_captured("stats", path)
     assert rc == 0, err
     assert all(line.isprintable() for line in out.splitlines())
-    assert any(line.startswith(escape(EVIL[1])) for line in out.splitlines())
-    # a corrupt section in the tensor named with a newline and a screen-clear
+    assert any(line.startswith(escape(TRICKY[0])) for line in out.splitlines())
+    # a corrupt section in the last tensor, named with a right-to-left override
     data = bytearray(open(path, "rb").read())
     data[-1] ^= 1
-    bad = tmp_path / "evil-bad.sld"
+    bad = tmp_path / "tricky-bad.sld"
     bad.write_bytes(bytes(data))
     rc, out, err = run_captured("verify", str(bad))
-    line = assert_one_line_error(rc, err, str(bad), "extra\\n" + escape(EVIL[-1]))
+    line = assert_one_line_error(rc, err, str(bad), "extra." + escape(TRICKY[-1]))
     assert line.isprintable()
 
 

@@ -51,7 +51,8 @@ DAMAGE = {
 
 
 def damaged_file(path, kind: str) -> str:
-    return write_sld(path, modules=[lora_module("layers.0.q_proj")], tensors=[{"name": "bad.weight", **DAMAGE[kind]}])
+    return write_sld(path, modules=[lora_module("layers.0.q_proj")], tensors=[{"name": "bad.weight", **DAMAGE[kind]}],
+                     checked=False)
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
@@ -120,12 +121,3 @@ def test_verify_max_decoded_bytes(capsys, tmp_path):
     assert_one_line_error(rc, err, path, f"{need:,}", "--max-decoded-bytes")
     rc, out, err = run_sld(capsys, "verify", path, "--max-decoded-bytes", str(need))
     assert rc == 0 and "OK" in out
-
-
-def test_verify_uses_the_readers_own_check_when_it_has_one(capsys, tmp_path, monkeypatch):
-    # SldFile.verify() (the reader's whole-file check) replaces the CLI's decode-every-tensor loop.
-    calls = []
-    monkeypatch.setattr(SldFile, "verify", lambda self: calls.append(self.path), raising=False)
-    bad = damaged_file(tmp_path / "bad.sld", "raw-f32-nan")
-    rc, out, err = run_sld(capsys, "verify", bad)
-    assert rc == 0 and calls == [bad]  # the stand-in check passes everything

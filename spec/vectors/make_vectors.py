@@ -157,7 +157,7 @@ def golden(names: list[str] | None = None) -> None:
         out = os.path.join(HERE, f"{name}.sld")
         if os.path.exists(out):
             os.remove(out)
-        deltacodec.encode(src, bits=spec["bits"], out=out, level=spec["level"], quantizer=spec["quantizer"])
+        deltacodec.encode(src, bits=spec["bits"], out=out, level=spec["level"], quantizer=spec["quantizer"], force=True)
         write_json(os.path.join(HERE, f"{name}.expected.json"), expected(out, spec))
         print(f"{name}: {os.path.getsize(out)} bytes")
 
