@@ -1,0 +1,183 @@
+/* Static-model interleaved rANS: the compiled half of deltacodec/rans.py.
+ *
+ * The bitstream is defined in docs/v2-coder-draft.md ("rANS stream"); deltacodec/rans.py holds a
+ * plain Python reference of both directions. This file is a plain C99 shared library with no
+ * Python API (loaded with ctypes), so one build serves every Python version.
+ *
+ * State: 32 bits, kept in [2^16, 2^32); renormalisation by 16-bit little-endian words; table
+ * precision P in 1..15; N lanes (1..32), symbol g of the stream (counted over all segments) uses
+ * lane g mod N.  Every bound below follows from f >= 1 for any symbol a slot maps to and P <= 15,
+ * so no input bytes can make a state overflow: the decoder needs no checks inside the loop
+ * beyond running out of words.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define RANS_L 65536u
+#define MAX_LANES 32
+
+enum {
+    SLD_OK = 0,
+    SLD_E_ARGS = -1,       /* bad lanes / precision / sizes */
+    SLD_E_SHORT = -2,      /* stream shorter than its lane states, or odd length */
+    SLD_E_STATE = -3,      /* an initial state outside [2^16, 2^32) */
+    SLD_E_EXHAUSTED = -4,  /* a lane needed a word after the last one */
+    SLD_E_FINAL = -5,      /* a final state is not 2^16 */
+    SLD_E_TRAILING = -6,   /* words left over after the last symbol */
+    SLD_E_SYMBOL = -7,     /* encoder: a symbol with zero frequency or outside the table */
+    SLD_E_CAPACITY = -8    /* encoder: output buffer too small */
+};
+
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void wr32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+}
+
+/* Encode the concatenation of `nseg` segments. Segment k has seg_n[k] symbols taken from
+ * `symbols` (consecutive), precision seg_p[k], and its table at freq/cum + seg_tab[k] with
+ * seg_k[k] entries. `scratch` holds at least sum(seg_n) 16-bit words. Returns the stream length
+ * in bytes, or a negative SLD_E_* code. */
+int64_t sld_rans_encode(int32_t nseg, const int64_t *seg_n, const int32_t *seg_p, const int64_t *seg_tab,
+                        const int32_t *seg_k, const uint32_t *freq, const uint32_t *cum,
+                        const uint16_t *symbols, int32_t lanes, uint16_t *scratch, int64_t scratch_words,
+                        uint8_t *out, int64_t out_cap) {
+    if (lanes < 1 || lanes > MAX_LANES || nseg < 0) return SLD_E_ARGS;
+    int64_t total = 0;
+    for (int32_t k = 0; k < nseg; k++) {
+        if (seg_n[k] < 0 || seg_p[k] < 1 || seg_p[k] > 15 || seg_k[k] < 1) return SLD_E_ARGS;
+        total += seg_n[k];
+    }
+    if (scratch_words < total) return SLD_E_CAPACITY;
+    uint32_t x[MAX_LANES];
+    for (int32_t j = 0; j < lanes; j++) x[j] = RANS_L;
+    int64_t w = scratch_words;  /* words are written backwards: scratch[w..] is in read order */
+    int64_t g = total;
+    for (int32_t k = nseg - 1; k >= 0; k--) {
+        const uint32_t *f = freq + seg_tab[k];
+        const uint32_t *c = cum + seg_tab[k];
+        const uint32_t kk = (uint32_t)seg_k[k];
+        const int P = seg_p[k];
+        const uint16_t *s = symbols + (g - seg_n[k]);
+        for (int64_t i = seg_n[k] - 1; i >= 0; i--) {
+            g--;
+            uint32_t sym = s[i];
+            if (sym >= kk || f[sym] == 0) return SLD_E_SYMBOL;
+            uint32_t fs = f[sym];
+            int j = (int)(g % lanes);
+            uint32_t xv = x[j];
+            if ((uint64_t)xv >= ((uint64_t)fs << (32 - P))) {
+                scratch[--w] = (uint16_t)(xv & 0xffffu);
+                xv >>= 16;
+            }
+            x[j] = ((xv / fs) << P) + (xv % fs) + c[sym];
+        }
+    }
+    int64_t nw = scratch_words - w;
+    int64_t need = 4 * (int64_t)lanes + 2 * nw;
+    if (need > out_cap) return SLD_E_CAPACITY;
+    for (int32_t j = 0; j < lanes; j++) wr32(out + 4 * j, x[j]);
+    uint8_t *o = out + 4 * lanes;
+    for (int64_t i = 0; i < nw; i++) {
+        uint16_t v = scratch[w + i];
+        o[2 * i] = (uint8_t)v;
+        o[2 * i + 1] = (uint8_t)(v >> 8);
+    }
+    return need;
+}
+
+/* One decode step of lane state `xx`: look the slot up, advance, refill from the word stream.
+ * ent[slot] = f << 16 | (slot - cum[s]). FAST_STEP's refill is branch-free (the comparison is
+ * unpredictable at high rates) and loads a word unconditionally, so it runs only while at least
+ * 8 bytes remain (4 steps read at most 4 words); SAFE_STEP checks before it reads. */
+#define FAST_STEP(xx, dst)                                                   \
+    do {                                                                     \
+        uint32_t sl_ = (xx) & mask;                                          \
+        uint32_t e_ = ent[sl_];                                              \
+        dst;                                                                 \
+        (xx) = (e_ >> 16) * ((xx) >> P) + (e_ & 0xffffu);                    \
+        uint32_t nd_ = (xx) < RANS_L;                                        \
+        uint32_t y_ = ((xx) << 16) | (uint32_t)(p[0] | (p[1] << 8));         \
+        (xx) = nd_ ? y_ : (xx);                                              \
+        p += 2 * nd_;                                                        \
+    } while (0)
+
+#define SAFE_STEP(xx, dst)                                                   \
+    do {                                                                     \
+        uint32_t sl_ = (xx) & mask;                                          \
+        uint32_t e_ = ent[sl_];                                              \
+        dst;                                                                 \
+        (xx) = (e_ >> 16) * ((xx) >> P) + (e_ & 0xffffu);                    \
+        if ((xx) < RANS_L) {                                                 \
+            if (end - p < 2) return SLD_E_EXHAUSTED;                         \
+            (xx) = ((xx) << 16) | (uint32_t)(p[0] | (p[1] << 8));            \
+            p += 2;                                                          \
+        }                                                                    \
+    } while (0)
+
+/* Decode `nseg` segments. Segment k uses the per-slot tables at offset seg_slot[k] of `ent_all`
+ * (packed entries) and of `slot_sym` or `slot_val` (symbol / reconstruction value of each slot).
+ * Output: symbols into out_sym (uint16) when it is non-NULL, else values into out_val (float32).
+ * Returns SLD_OK or a negative SLD_E_* code. */
+int32_t sld_rans_decode(const uint8_t *in, int64_t len, int32_t nseg, const int64_t *seg_n, const int32_t *seg_p,
+                        const int64_t *seg_slot, const uint32_t *ent_all, const uint16_t *slot_sym,
+                        const float *slot_val, int32_t lanes, uint16_t *out_sym, float *out_val) {
+    if (lanes < 1 || lanes > MAX_LANES || nseg < 0 || len < 0) return SLD_E_ARGS;
+    if (len < 4 * (int64_t)lanes || (len - 4 * (int64_t)lanes) % 2) return SLD_E_SHORT;
+    uint32_t x[MAX_LANES];
+    for (int32_t j = 0; j < lanes; j++) {
+        x[j] = rd32(in + 4 * j);
+        if (x[j] < RANS_L) return SLD_E_STATE;
+    }
+    const uint8_t *p = in + 4 * lanes;
+    const uint8_t *end = in + len;
+    int64_t g = 0;
+    for (int32_t k = 0; k < nseg; k++) {
+        const int P = seg_p[k];
+        if (P < 1 || P > 15 || seg_n[k] < 0) return SLD_E_ARGS;
+        const uint32_t mask = (1u << P) - 1u;
+        const uint32_t *ent = ent_all + seg_slot[k];
+        const int64_t n = seg_n[k];
+        int64_t i = 0;
+        if (out_sym) {
+            const uint16_t *ss = slot_sym + seg_slot[k];
+            uint16_t *o = out_sym + g;
+            for (; i < n; i++) {
+                int j = (int)((g + i) % lanes);
+                uint32_t xx = x[j];
+                SAFE_STEP(xx, o[i] = ss[sl_]);
+                x[j] = xx;
+            }
+        } else {
+            const float *sv = slot_val + seg_slot[k];
+            float *o = out_val + g;
+            if (lanes == 4) {
+                for (; i < n && ((g + i) & 3); i++) {
+                    uint32_t xx = x[(g + i) & 3];
+                    SAFE_STEP(xx, o[i] = sv[sl_]);
+                    x[(g + i) & 3] = xx;
+                }
+                uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+                for (; i + 4 <= n && end - p >= 8; i += 4) {
+                    FAST_STEP(x0, o[i] = sv[sl_]);
+                    FAST_STEP(x1, o[i + 1] = sv[sl_]);
+                    FAST_STEP(x2, o[i + 2] = sv[sl_]);
+                    FAST_STEP(x3, o[i + 3] = sv[sl_]);
+                }
+                x[0] = x0; x[1] = x1; x[2] = x2; x[3] = x3;
+            }
+            for (; i < n; i++) {
+                int j = (int)((g + i) % lanes);
+                uint32_t xx = x[j];
+                SAFE_STEP(xx, o[i] = sv[sl_]);
+                x[j] = xx;
+            }
+        }
+        g += n;
+    }
+    for (int32_t j = 0; j < lanes; j++)
+        if (x[j] != RANS_L) return SLD_E_FINAL;
+    return p == end ? SLD_OK : SLD_E_TRAILING;
+}
