@@ -95,7 +95,8 @@ int64_t sld_rans_encode(int32_t nseg, const int64_t *seg_n, const int32_t *seg_p
 #define FAST_STEP(xx, dst)                                                   \
     do {                                                                     \
         uint32_t sl_ = (xx) & mask;                                          \
-        uint32_t e_ = ent[sl_];                                              \
+        uint64_t ev_ = ent64[sl_];                                           \
+        uint32_t e_ = (uint32_t)ev_;                                         \
         dst;                                                                 \
         (xx) = (e_ >> 16) * ((xx) >> P) + (e_ & 0xffffu);                    \
         uint32_t nd_ = (xx) < RANS_L;                                        \
@@ -107,7 +108,8 @@ int64_t sld_rans_encode(int32_t nseg, const int64_t *seg_n, const int32_t *seg_p
 #define SAFE_STEP(xx, dst)                                                   \
     do {                                                                     \
         uint32_t sl_ = (xx) & mask;                                          \
-        uint32_t e_ = ent[sl_];                                              \
+        uint64_t ev_ = ent64[sl_];                                           \
+        uint32_t e_ = (uint32_t)ev_;                                         \
         dst;                                                                 \
         (xx) = (e_ >> 16) * ((xx) >> P) + (e_ & 0xffffu);                    \
         if ((xx) < RANS_L) {                                                 \
@@ -117,13 +119,20 @@ int64_t sld_rans_encode(int32_t nseg, const int64_t *seg_n, const int32_t *seg_p
         }                                                                    \
     } while (0)
 
-/* Decode `nseg` segments. Segment k uses the per-slot tables at offset seg_slot[k] of `ent_all`
- * (packed entries) and of `slot_sym` or `slot_val` (symbol / reconstruction value of each slot).
- * Output: symbols into out_sym (uint16) when it is non-NULL, else values into out_val (float32).
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Decode `nseg` segments. Segment k uses the per-slot entries at offset seg_slot[k] of `ent_all`:
+ * low 32 bits f << 16 | (slot - cum[s]), high 32 bits the symbol (out_sym mode) or the float32
+ * bits of its reconstruction value (value mode: one load per symbol). Output: symbols into
+ * out_sym (uint16) when it is non-NULL, else values into out_val (float32).
  * Returns SLD_OK or a negative SLD_E_* code. */
 int32_t sld_rans_decode(const uint8_t *in, int64_t len, int32_t nseg, const int64_t *seg_n, const int32_t *seg_p,
-                        const int64_t *seg_slot, const uint32_t *ent_all, const uint16_t *slot_sym,
-                        const float *slot_val, int32_t lanes, uint16_t *out_sym, float *out_val) {
+                        const int64_t *seg_slot, const uint64_t *ent_all, int32_t lanes, uint16_t *out_sym,
+                        float *out_val) {
     if (lanes < 1 || lanes > MAX_LANES || nseg < 0 || len < 0) return SLD_E_ARGS;
     if (len < 4 * (int64_t)lanes || (len - 4 * (int64_t)lanes) % 2) return SLD_E_SHORT;
     uint32_t x[MAX_LANES];
@@ -138,40 +147,38 @@ int32_t sld_rans_decode(const uint8_t *in, int64_t len, int32_t nseg, const int6
         const int P = seg_p[k];
         if (P < 1 || P > 15 || seg_n[k] < 0) return SLD_E_ARGS;
         const uint32_t mask = (1u << P) - 1u;
-        const uint32_t *ent = ent_all + seg_slot[k];
+        const uint64_t *ent64 = ent_all + seg_slot[k];
         const int64_t n = seg_n[k];
         int64_t i = 0;
         if (out_sym) {
-            const uint16_t *ss = slot_sym + seg_slot[k];
             uint16_t *o = out_sym + g;
             for (; i < n; i++) {
                 int j = (int)((g + i) % lanes);
                 uint32_t xx = x[j];
-                SAFE_STEP(xx, o[i] = ss[sl_]);
+                SAFE_STEP(xx, o[i] = (uint16_t)(ev_ >> 32));
                 x[j] = xx;
             }
         } else {
-            const float *sv = slot_val + seg_slot[k];
             float *o = out_val + g;
             if (lanes == 4) {
                 for (; i < n && ((g + i) & 3); i++) {
                     uint32_t xx = x[(g + i) & 3];
-                    SAFE_STEP(xx, o[i] = sv[sl_]);
+                    SAFE_STEP(xx, o[i] = bits_to_float((uint32_t)(ev_ >> 32)));
                     x[(g + i) & 3] = xx;
                 }
                 uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
                 for (; i + 4 <= n && end - p >= 8; i += 4) {
-                    FAST_STEP(x0, o[i] = sv[sl_]);
-                    FAST_STEP(x1, o[i + 1] = sv[sl_]);
-                    FAST_STEP(x2, o[i + 2] = sv[sl_]);
-                    FAST_STEP(x3, o[i + 3] = sv[sl_]);
+                    FAST_STEP(x0, o[i] = bits_to_float((uint32_t)(ev_ >> 32)));
+                    FAST_STEP(x1, o[i + 1] = bits_to_float((uint32_t)(ev_ >> 32)));
+                    FAST_STEP(x2, o[i + 2] = bits_to_float((uint32_t)(ev_ >> 32)));
+                    FAST_STEP(x3, o[i + 3] = bits_to_float((uint32_t)(ev_ >> 32)));
                 }
                 x[0] = x0; x[1] = x1; x[2] = x2; x[3] = x3;
             }
             for (; i < n; i++) {
                 int j = (int)((g + i) % lanes);
                 uint32_t xx = x[j];
-                SAFE_STEP(xx, o[i] = sv[sl_]);
+                SAFE_STEP(xx, o[i] = bits_to_float((uint32_t)(ev_ >> 32)));
                 x[j] = xx;
             }
         }
@@ -180,4 +187,86 @@ int32_t sld_rans_decode(const uint8_t *in, int64_t len, int32_t nseg, const int6
     for (int32_t j = 0; j < lanes; j++)
         if (x[j] != RANS_L) return SLD_E_FINAL;
     return p == end ? SLD_OK : SLD_E_TRAILING;
+}
+
+/* Explicit-table frequencies (docs/v2-coder-draft.md, "explicit tables"): for every symbol
+ * s != z in order, EG_k(f_s) with k = max(0, bitlen(previous coded f) - 2); f_z is the rest of
+ * 2^P and must be >= 1. Bits are LSB-first from bit *bitpos of buf (nbytes long); *bitpos is
+ * advanced. Returns 0, or -1 (out of bits), -2 (prefix too long / value too large),
+ * -3 (frequencies reach 2^P before z). */
+static inline int get_bit(const uint8_t *buf, int64_t nbits, int64_t *pos) {
+    if (*pos >= nbits) return -1;
+    int b = (buf[*pos >> 3] >> (*pos & 7)) & 1;
+    (*pos)++;
+    return b;
+}
+
+static inline int get_bits(const uint8_t *buf, int64_t nbits, int64_t *pos, int k, uint64_t *out) {
+    uint64_t v = 0;
+    if (*pos + k > nbits) return -1;
+    for (int i = 0; i < k; i++) {
+        v |= (uint64_t)((buf[(*pos + i) >> 3] >> ((*pos + i) & 7)) & 1) << i;
+    }
+    *pos += k;
+    *out = v;
+    return 0;
+}
+
+int32_t sld_read_explicit_freqs(const uint8_t *buf, int64_t nbytes, int64_t *bitpos, int32_t k, int32_t z,
+                                int32_t precision, int64_t *freqs) {
+    const int64_t nbits = 8 * nbytes;
+    const uint64_t total = (uint64_t)1 << precision;
+    uint64_t acc = 0, prev = 0;
+    int64_t pos = *bitpos;
+    for (int32_t s = 0; s < k; s++) {
+        if (s == z) continue;
+        int order = 0;
+        if (prev) {
+            int bl = 0;
+            for (uint64_t t = prev; t; t >>= 1) bl++;
+            order = bl > 2 ? bl - 2 : 0;
+        }
+        int m = 0, b;
+        while ((b = get_bit(buf, nbits, &pos)) == 0) {
+            if (++m > 40) return -2;
+        }
+        if (b < 0) return -1;
+        uint64_t low = 0, tail = 0;
+        if (get_bits(buf, nbits, &pos, m, &low) < 0) return -1;
+        uint64_t hi = (((uint64_t)1 << m) | low) - 1;
+        if (hi > (total >> order)) return -2;
+        if (get_bits(buf, nbits, &pos, order, &tail) < 0) return -1;
+        uint64_t v = (hi << order) | tail;
+        acc += v;
+        if (acc >= total) return -3;
+        freqs[s] = (int64_t)v;
+        prev = v;
+    }
+    freqs[z] = (int64_t)(total - acc);
+    *bitpos = pos;
+    return 0;
+}
+
+/* Fill the 2^P decoder entries of one table (see sld_rans_decode): for each symbol s, f_s slots
+ * from cum_s on get f_s << 16 | (slot - cum_s) in the low word and, in the high word, the
+ * float32 bits of values[s] (values non-NULL) or s. Frequencies must sum to 2^P (checked). */
+int32_t sld_build_slots(int32_t k, int32_t precision, const int64_t *freqs, const float *values, uint64_t *out) {
+    const int64_t total = (int64_t)1 << precision;
+    int64_t pos = 0;
+    for (int32_t s = 0; s < k; s++) {
+        int64_t f = freqs[s];
+        if (f < 0 || pos + f > total) return SLD_E_ARGS;
+        uint64_t high;
+        if (values) {
+            uint32_t u;
+            memcpy(&u, &values[s], 4);
+            high = (uint64_t)u << 32;
+        } else {
+            high = (uint64_t)(uint32_t)s << 32;
+        }
+        uint64_t base = high | ((uint64_t)f << 16);
+        for (int64_t b = 0; b < f; b++) out[pos + b] = base | (uint64_t)b;
+        pos += f;
+    }
+    return pos == total ? SLD_OK : SLD_E_ARGS;
 }

@@ -80,9 +80,35 @@ class BitReader:
     """Reads what :class:`BitWriter` wrote; every read is bounds-checked."""
 
     def __init__(self, data: bytes) -> None:
-        self._acc = int.from_bytes(bytes(data), "little")
+        self._data = bytes(data)
+        self._acc = int.from_bytes(self._data, "little")
         self._total = 8 * len(data)
         self._pos = 0
+
+    def native_explicit(self, k: int, z: int, precision: int, freqs) -> bool | None:
+        """Read an explicit table's frequencies with the compiled reader (freqtable's format);
+        None when it is unavailable (the caller reads them in Python)."""
+        from . import _native
+
+        lib = _native.library()
+        if lib is None:
+            return None
+        import ctypes
+
+        import numpy as np
+
+        pos = ctypes.c_int64(self._pos)
+        buf = np.frombuffer(self._data, dtype=np.uint8) if self._data else np.zeros(1, np.uint8)
+        rc = lib.sld_read_explicit_freqs(buf.ctypes.data_as(ctypes.c_void_p), len(self._data), ctypes.byref(pos),
+                                         k, z, precision, freqs.ctypes.data_as(ctypes.c_void_p))
+        if rc == -1:
+            raise BitstreamError(f"explicit table runs past the end of its {len(self._data)} bytes")
+        if rc == -2:
+            raise BitstreamError(f"explicit table has an over-long or too-large frequency near bit {self._pos}")
+        if rc == -3:
+            raise BitstreamError(f"frequencies exceed 2^{precision} before the implied symbol")
+        self._pos = pos.value
+        return True
 
     @property
     def position(self) -> int:

@@ -143,6 +143,9 @@ class FreqTable:
             raise BitstreamError(f"implied symbol {z} outside the alphabet of {k}")
         total = 1 << precision
         freqs = np.zeros(k, dtype=np.int64)
+        fast = br.native_explicit(k, z, precision, freqs)
+        if fast is not None:
+            return FreqTable("explicit", precision, imin, freqs)
         prev = 0
         acc = 0
         for s in range(k):

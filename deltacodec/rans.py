@@ -164,22 +164,36 @@ def encode_reference(segments: Sequence[tuple[np.ndarray, FreqTable]], lanes: in
 # Decoding
 
 
-def _slot_tables(tables: Sequence[FreqTable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-slot packed entries ``f << 16 | (slot - cum)``, per-slot symbols, segment offsets."""
-    ents, syms = [], []
+def _slot_entries(tables: Sequence[FreqTable], values: Sequence[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slot 64-bit entries of every table (low word ``f << 16 | (slot - cum)``, high word the
+    symbol or the float32 bits of its value) and each table's offset (compiled coder only)."""
+    lib = _native.library()
+    sizes = np.array([1 << t.precision for t in tables], dtype=np.int64)
     offs = np.zeros(len(tables), dtype=np.int64)
-    pos = 0
+    if len(tables) > 1:
+        np.cumsum(sizes[:-1], out=offs[1:])
+    ent = np.empty(max(int(sizes.sum()), 1), dtype=np.uint64)
     for k, t in enumerate(tables):
-        offs[k] = pos
-        f = t.freqs.astype(np.int64)
-        sym = np.repeat(np.arange(t.size, dtype=np.int64), f)
-        bias = np.arange(1 << t.precision, dtype=np.int64) - t.cum[sym]
-        ents.append(((f[sym] << 16) | bias).astype(np.uint32))
-        syms.append(sym.astype(np.uint16))
-        pos += 1 << t.precision
-    if not tables:
-        return np.zeros(1, np.uint32), np.zeros(1, np.uint16), offs
-    return np.concatenate(ents), np.concatenate(syms), offs
+        f = np.ascontiguousarray(t.freqs, dtype=np.int64)
+        if values is None:
+            vp = None
+        else:
+            v = np.ascontiguousarray(values[k], dtype=np.float32).reshape(-1)
+            if v.size != t.size:
+                raise RansError(f"{v.size} reconstruction values for a table of {t.size} symbols")
+            vp = v.ctypes.data_as(_native._P)
+        dst = ent[offs[k]:]
+        rc = lib.sld_build_slots(t.size, t.precision, f.ctypes.data_as(_native._P), vp, dst.ctypes.data_as(_native._P))
+        if rc < 0:
+            raise RansError("table frequencies do not sum to 2^P")
+    return ent, offs
+
+
+def _as_buffer(data: bytes) -> np.ndarray:
+    """A uint8 view of ``data`` without copying (bytes, bytearray, memoryview or ndarray)."""
+    if len(data) == 0:
+        return np.zeros(1, np.uint8)
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _check_segments(segments: Sequence[tuple]) -> None:
@@ -200,15 +214,15 @@ def decode(data: bytes, segments: Sequence[tuple[int, FreqTable]], lanes: int = 
         _fallback_warning()
         return decode_reference(data, segments, lanes)
     tables = [t for _, t in segments]
-    ent, sym, offs = _slot_tables(tables)
+    ent, offs = _slot_entries(tables, None)
     seg_n = np.array([n for n, _ in segments], dtype=np.int64)
     seg_p = np.array([t.precision for t in tables], dtype=np.int32)
     total = int(seg_n.sum())
     out = np.empty(max(total, 1), dtype=np.uint16)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8) if len(data) else np.zeros(1, np.uint8)
+    buf = _as_buffer(data)
     p = lambda a: a.ctypes.data_as(_native._P)  # noqa: E731
-    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent), p(sym),
-                             None, lanes, p(out), None)
+    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent),
+                             lanes, p(out), None)
     if rc < 0:
         raise RansError(_ERRORS.get(int(rc), f"decoder error {rc}"))
     res, pos = [], 0
@@ -243,21 +257,14 @@ def decode_values(
             pos += n
         return out
     tables = [s[1] for s in segments]
-    ent, sym, offs = _slot_tables(tables)
-    vals = []
-    for n, t, v in segments:
-        v = np.asarray(v, dtype=np.float32).reshape(-1)
-        if v.size != t.size:
-            raise RansError(f"{v.size} reconstruction values for a table of {t.size} symbols")
-        vals.append(v[np.repeat(np.arange(t.size), t.freqs)])
-    slot_val = np.concatenate(vals) if vals else np.zeros(1, np.float32)
+    ent, offs = _slot_entries(tables, [s[2] for s in segments])
     seg_n = np.array([s[0] for s in segments], dtype=np.int64)
     seg_p = np.array([t.precision for t in tables], dtype=np.int32)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8) if len(data) else np.zeros(1, np.uint8)
+    buf = _as_buffer(data)
     dst = out if total else np.zeros(1, np.float32)
     p = lambda a: a.ctypes.data_as(_native._P)  # noqa: E731
-    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent), None,
-                             p(slot_val), lanes, None, p(dst))
+    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent),
+                             lanes, None, p(dst))
     if rc < 0:
         raise RansError(_ERRORS.get(int(rc), f"decoder error {rc}"))
     return out
