@@ -62,8 +62,8 @@ _THETA_MIN, _THETA_MAX = -128, 127
 def bf16_bits(step: float) -> int:
     """The bfloat16 nearest to ``step`` (ties to even), as its 16-bit pattern; must be a positive
     normal number."""
-    if not (math.isfinite(step) and step > 0):
-        raise ValueError(f"step must be positive and finite, got {step}")
+    if not (math.isfinite(step) and 0 < step < 3.0e38):
+        raise ValueError(f"step must be positive and finite (below bfloat16's maximum), got {step}")
     u = int(np.array(step, dtype=np.float32).view(np.uint32))
     u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     if not 0x0080 <= u < 0x7F80:  # zero/subnormal or overflowed to infinity
