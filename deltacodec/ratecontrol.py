@@ -90,6 +90,8 @@ class CodedTensor:
         if self.method == "ecsq":
             ecsq.write_params(bw, self.step_bits, self.theta1, self.theta2)
         else:
+            bits = (len(self.codebook_f16) // 2).bit_length() - 1
+            bw.bits(bits - 1, 3)
             bw.bits(int(np.array(self.codebook_scale, dtype=np.float32).view(np.uint32)), 32)
             for v in np.frombuffer(self.codebook_f16, dtype="<u2").tolist():
                 bw.bits(int(v), 16)

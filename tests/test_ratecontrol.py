@@ -49,8 +49,9 @@ def decode_plan(plan):
             step_bits, t1, t2 = ecsq.read_params(br)
             lut = ecsq.recon_values(table.imin, table.imax, step_bits, t1, t2)
         else:
+            bits = br.bits(3) + 1
             scale = np.uint32(br.bits(32)).view(np.float32)
-            cb = np.array([br.bits(16) for _ in range(1 << int(np.log2(len(t.codebook_f16) // 2)))], np.uint16)
+            cb = np.array([br.bits(16) for _ in range(1 << bits)], np.uint16)
             lut = (cb.view(np.float16).astype(np.float32) * scale)[table.imin: table.imax + 1]
         segs.append((t.indices.size, table, lut))
     return rans.decode_values(plan.stream, segs)
