@@ -9,8 +9,9 @@ the same payload size (``size`` target = that file's payload), so every row comp
 * ``ecsq+refit``   the same with B refitted against Q(A);
 * ``auto+refit``   each tensor may also take k-means at 1-3 bits (with refit).
 
-Payload = bytes after the container header (v1: file size − header; v2: rANS stream + every
-tensor's side information); the header is left out of both (the v2 container is not built yet).
+Payload = what the quantized data needs: v1: the sections plus every codebook and its scale
+(v1 keeps those in its header); v2: the rANS stream plus every tensor's side information. The
+rest of the header (names, shapes, config) is left out of both: the v2 container is not built.
 Columns: payload bytes, bits/param, mean and max relative ΔW error over modules, and, with
 ``--eval``, test accuracy of the rd_experiment task (the reconstructed factors written to a
 ``--bits 16`` .sld and applied with deltacodec.apply). BD-rate (akima) of each variant against
@@ -53,7 +54,9 @@ def v1_point(adapter: Adapter, bits: int, tmp: str) -> tuple[int, list[float], l
         os.remove(path)
     deltacodec.encode(adapter, bits=bits, out=path)
     f = deltacodec.load(path)
+    # sections + the codebooks (which v1 keeps in its header) + their float32 scales
     payload = os.path.getsize(path) - f.data_offset
+    payload += sum(len(e.codebook_f16) + 4 for e in f.entries() if e.encoding == "codebook")
     errs, facs = [], []
     for m in adapter.modules:
         a_q, b_q = f.dequantize(m.name)

@@ -76,6 +76,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sld_rans_encode.argtypes = [_I32, _P, _P, _P, _P, _P, _P, _P, _I32, _P, _I64, _P, _I64]
     lib.sld_rans_decode.restype = _I32
     lib.sld_rans_decode.argtypes = [_P, _I64, _I32, _P, _P, _P, _P, _I32, _P, _P]
+    lib.sld_ecsq_assign.restype = _I32
+    lib.sld_ecsq_assign.argtypes = [_P, _I64, ctypes.c_double, _I32, _I32, _P, _I64, _I64, _P, _P]
     lib.sld_build_slots.restype = _I32
     lib.sld_build_slots.argtypes = [_I32, _I32, _P, _P, _P]
     lib.sld_read_explicit_freqs.restype = _I32

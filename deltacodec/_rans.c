@@ -270,3 +270,48 @@ int32_t sld_build_slots(int32_t k, int32_t precision, const int64_t *freqs, cons
     }
     return pos == total ? SLD_OK : SLD_E_ARGS;
 }
+
+/* ECSQ assignment (encoder side; deltacodec/ecsq.py _assign is the reference). For each x:
+ * the nearest offset value (|i| = 0, 1, >= 2 regions), then, with `bounds` non-NULL, moved
+ * across the rate-distortion boundaries: bounds[k] separates indices base+k and base+k+1
+ * (k = 0..nb-1), and a value sits in cell i when bounds[i-base-1] <= x < bounds[i-base].
+ * stats (6 doubles) accumulate, for |i| == 1 and |i| >= 2: count, sum |i|, sum |x| (for the
+ * offsets' least-squares refit). Returns 0, or -1 if an index leaves [-65535, 65535]. */
+int32_t sld_ecsq_assign(const float *x, int64_t n, double step, int32_t t1, int32_t t2, const double *bounds,
+                        int64_t nb, int64_t base, int32_t *out, double *stats) {
+    const double inv = 1.0 / step;
+    const double th1 = t1 / 256.0, th2 = t2 / 256.0;
+    const double b01 = (1.0 - th1) * 0.5, b12 = 1.5 - 0.5 * (th1 + th2);
+    double c1 = 0, a1 = 0, s1 = 0, c2 = 0, a2 = 0, s2 = 0;
+    for (int64_t k = 0; k < n; k++) {
+        double v = (double)x[k];
+        double u = v * inv;
+        double au = u < 0 ? -u : u;
+        int64_t ia;
+        if (au < b01) ia = 0;
+        else if (au < b12) ia = 1;
+        else {
+            ia = (int64_t)(au + 0.5 + th2);  /* floor: au + 0.5 + th2 > 0 here */
+            if (ia < 2) ia = 2;
+        }
+        int64_t i = u < 0 ? -ia : ia;
+        if (bounds) {
+            /* move down while below the cell's lower bound, up while at/above its upper bound */
+            for (int guard = 0; guard < 64; guard++) {
+                int64_t pos = i - base;
+                if (pos >= 1 && pos - 1 < nb && v < bounds[pos - 1]) { i--; continue; }
+                if (pos >= 0 && pos < nb && v >= bounds[pos]) { i++; continue; }
+                break;
+            }
+        }
+        if (i > 65535 || i < -65535) return -1;
+        out[k] = (int32_t)i;
+        int64_t a = i < 0 ? -i : i;
+        double av = v < 0 ? -v : v;
+        if (a == 1) { c1 += 1; a1 += 1; s1 += av; }
+        else if (a >= 2) { c2 += 1; a2 += (double)a; s2 += av; }
+    }
+    stats[0] += c1; stats[1] += a1; stats[2] += s1;
+    stats[3] += c2; stats[4] += a2; stats[5] += s2;
+    return 0;
+}

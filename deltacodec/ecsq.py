@@ -315,6 +315,8 @@ def quantize(x: np.ndarray, step: float, mu: float = 0.0, sample: SortedSample |
     t1, t2 = int(c.theta1[0]), int(c.theta2[0])
     lo, hi = _index_range(float(xf.min()), float(xf.max()), st)
     lo, hi = lo - 1, hi + 1  # offsets can move the nearest value one index outward
+    # the sample may come from a neighbouring tensor (B before its refit): cover both ranges
+    lo, hi = min(lo, int(c.imins[0])), max(hi, int(c.imins[0] + c.ks[0] - 1))
     if max(-lo, hi) > MAX_ABS_INDEX + 1:
         raise ValueError(f"step {st:g} gives indices beyond ±{MAX_ABS_INDEX}")
     # the sample's boundaries (between index i-1 and i: c.bounds of cell i), extended to the
@@ -326,6 +328,11 @@ def quantize(x: np.ndarray, step: float, mu: float = 0.0, sample: SortedSample |
     off = int(c.imins[0]) - lo
     b[off : off + cb.size] = cb
     b = np.maximum.accumulate(b)
+    native = _native_assign(xf, st, t1, t2, b if mu > 0 else None, lo)
+    if native is not None:
+        idx, stats = native
+        t1, t2 = _offsets_from_stats(stats, st)
+        return EcsqTensor(idx, step_bits, t1, t2)
     idx = _assign(xf, st, t1, t2, b if mu > 0 else None, lo)
     if int(np.abs(idx).max()) > MAX_ABS_INDEX:
         raise ValueError(f"step {st:g} gives indices beyond ±{MAX_ABS_INDEX}")
@@ -333,12 +340,47 @@ def quantize(x: np.ndarray, step: float, mu: float = 0.0, sample: SortedSample |
     return EcsqTensor(idx, step_bits, t1, t2)
 
 
+def _native_assign(x: np.ndarray, step: float, t1: int, t2: int, bounds: np.ndarray | None,
+                   base: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_assign` and the offsets' statistics in one compiled pass (None: no library)."""
+    from . import _native
+
+    lib = _native.library()
+    if lib is None:
+        return None
+    xs = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(xs.size, dtype=np.int32)
+    stats = np.zeros(6)
+    bp = None
+    nb = 0
+    if bounds is not None:
+        bnd = np.ascontiguousarray(bounds, dtype=np.float64)
+        bp, nb = bnd.ctypes.data_as(_native._P), bnd.size
+    p = lambda a: a.ctypes.data_as(_native._P)  # noqa: E731
+    rc = lib.sld_ecsq_assign(p(xs), xs.size, step, t1, t2, bp, nb, base, p(out), p(stats))
+    if rc < 0:
+        raise ValueError(f"step {step:g} gives indices beyond ±{MAX_ABS_INDEX}")
+    return out, stats
+
+
+def _offsets_from_stats(stats: np.ndarray, step: float) -> tuple[int, int]:
+    out = []
+    for c, sa, sx in (stats[0:3], stats[3:6]):
+        if c == 0:
+            out.append(0)
+            continue
+        th = (sa - sx / step) / c
+        out.append(int(np.clip(round(th * 256), _THETA_MIN, _THETA_MAX)))
+    return out[0], out[1]
+
+
 def _assign(x: np.ndarray, step: float, t1: int, t2: int, bounds: np.ndarray | None, base: int) -> np.ndarray:
     """Index of every value: nearest offset value by arithmetic, then (``bounds`` given: the
     rate-distortion boundaries, ``bounds[k]`` between indices ``base+k`` and ``base+k+1``) moved
     across boundaries, re-checking only the values that moved. The decoder does not care how
     indices were chosen; a value the passes leave on the wrong side costs a little SSE only."""
-    dt = np.float32 if x.dtype == np.float32 else np.float64
+    dt = np.float64  # as the compiled assignment does, so both give the same indices
+    x = x.astype(np.float64)
     u = x * dt(1.0 / step)
     au = np.abs(u)
     th1, th2 = t1 / 256.0, t2 / 256.0
@@ -352,7 +394,7 @@ def _assign(x: np.ndarray, step: float, t1: int, t2: int, bounds: np.ndarray | N
         return idx
     bext = np.concatenate([[-np.inf], bounds, [np.inf]]).astype(dt)
     sel = None
-    for _ in range(8):
+    for _ in range(64):  # the compiled assignment's bound too
         pos = (idx if sel is None else idx[sel]) - base  # bext[pos], bext[pos+1]: cell bounds
         xs = x if sel is None else x[sel]
         move = (xs >= bext[pos + 1]).astype(np.int32) - (xs < bext[pos])

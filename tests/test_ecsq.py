@@ -152,3 +152,21 @@ def test_constant_zero_and_tiny_tensors():
 def test_steps_giving_indices_beyond_the_limit_are_refused():
     with pytest.raises(ValueError):
         ecsq.quantize(np.array([1.0, -1.0], np.float32), 1e-6)
+
+
+@pytest.mark.parametrize("dist", sorted(DISTS))
+@pytest.mark.parametrize("mu_factor", [0.0, 1.0, 6.0])
+def test_compiled_and_python_assignment_agree(dist, mu_factor, monkeypatch):
+    from deltacodec import _native
+
+    rng = np.random.default_rng(13)
+    x = DISTS[dist](rng, 20000).astype(np.float32)
+    step = float(x.std())
+    mu = mu_factor * ecsq.HIGH_RATE_MU * step * step
+    ss = ecsq.SortedSample(x)
+    native = ecsq.quantize(x, step, mu, sample=ss)
+    monkeypatch.setattr(_native, "library", lambda: None)
+    plain = ecsq.quantize(x, step, mu, sample=ss)
+    # both in float64; they may differ only for a value exactly on a boundary
+    assert np.mean(native.indices != plain.indices) <= 1e-4
+    assert (native.theta1, native.theta2) == (plain.theta1, plain.theta2)

@@ -57,22 +57,27 @@ def decode_plan(plan):
     return rans.decode_values(plan.stream, segs)
 
 
-@pytest.mark.parametrize("sine", [False, True])
-@pytest.mark.parametrize("size", [1200, 2500, 6000])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("sine,size", [(False, 2500), (True, 1200), pytest.param(False, 1200, marks=SLOW),
+                                       pytest.param(True, 2500, marks=SLOW), pytest.param(False, 6000, marks=SLOW),
+                                       pytest.param(True, 6000, marks=SLOW)])
 def test_size_target_lands_at_or_just_under(sine, size):
     plan = encode_modules(tiny_adapter(sine), Target("size", size), overhead_bytes=200)
     assert 0.95 * size <= plan.total_bytes <= size, plan.history
 
 
-@pytest.mark.parametrize("bpp", [1.5, 3.0, 6.0])
+@pytest.mark.parametrize("bpp", [3.0, pytest.param(1.5, marks=SLOW), pytest.param(6.0, marks=SLOW)])
 def test_bits_per_param_target(bpp):
     plan = encode_modules(tiny_adapter(False), Target("bits_per_param", bpp), overhead_bytes=100)
     got = 8 * plan.total_bytes / plan.params
     assert 0.95 * bpp <= got <= bpp, plan.history
 
 
-@pytest.mark.parametrize("sine", [False, True])
-@pytest.mark.parametrize("eps", [0.3, 0.05, 0.01])
+@pytest.mark.parametrize("sine,eps", [(False, 0.05), (True, 0.3), pytest.param(False, 0.3, marks=SLOW),
+                                      pytest.param(False, 0.01, marks=SLOW), pytest.param(True, 0.05, marks=SLOW),
+                                      pytest.param(True, 0.01, marks=SLOW)])
 def test_max_error_target_bounds_every_module(sine, eps):
     mods = tiny_adapter(sine)
     plan = encode_modules(mods, Target("max_error", eps))
@@ -93,6 +98,7 @@ def test_plan_decodes_to_the_values_it_reports_and_errors_are_exact(sine):
         assert plan.modules[mi].rel_error == pytest.approx(got, rel=1e-9)
 
 
+@SLOW
 def test_larger_budgets_give_smaller_errors():
     mods = tiny_adapter(False, seed=5)
     errs = [sum(r.rel_error ** 2 for r in encode_modules(mods, Target("size", s)).modules) for s in (1500, 3000, 6000)]
