@@ -5,9 +5,10 @@ For each adapter, today's encoder (``deltacodec.encode``: k-means at 1..8 bits +
 point per bit width; the v2 variants are then run by rate control (deltacodec.ratecontrol) at
 the same payload size (``size`` target = that file's payload), so every row compares equal bytes:
 
-* ``ecsq``         ECSQ, one λ for the adapter, modules weighted by relative error, no refit;
-* ``ecsq+refit``   the same with B refitted against Q(A);
-* ``auto+refit``   each tensor may also take k-means at 1-3 bits (with refit).
+* ``ecsq``           ECSQ, one λ for the adapter, modules weighted by relative error, no refit;
+* ``ecsq+refit``     the same with B refitted against Q(A);
+* ``mm+refit``       minimax allocation (smallest common bound on the modules' relative errors);
+* ``auto+mm+refit``  the same, each tensor may also take k-means at 1-3 bits.
 
 Payload = what the quantized data needs: v1: the sections plus every codebook and its scale
 (v1 keeps those in its header); v2: the rANS stream plus every tensor's side information. The
@@ -45,7 +46,8 @@ from deltacodec.dwerror import relative_error  # noqa: E402
 from deltacodec.ratecontrol import Target, encode_modules  # noqa: E402
 
 VARIANTS = {"ecsq": dict(method="ecsq", refit=False), "ecsq+refit": dict(method="ecsq", refit=True),
-            "auto+refit": dict(method="auto", refit=True)}
+            "mm+refit": dict(method="ecsq", refit=True, allocation="minimax"),
+            "auto+mm+refit": dict(method="auto", refit=True, allocation="minimax")}
 
 
 def v1_point(adapter: Adapter, bits: int, tmp: str) -> tuple[int, list[float], list[tuple[np.ndarray, np.ndarray]]]:
@@ -126,7 +128,7 @@ def run_adapter(name: str, adapter: Adapter, bits_list, ev: Evaluator | None, ro
 
 def print_row(r: dict) -> None:
     acc = f"{r['acc']:7.2f}" if not math.isnan(r["acc"]) else f"{'-':>7}"
-    print(f"{r['adapter']:22s} {r['method']:11s} {r['bits']:>4} {r['payload']:>10,} {r['bpp']:>7.3f} "
+    print(f"{r['adapter']:22s} {r['method']:13s} {r['bits']:>4} {r['payload']:>10,} {r['bpp']:>7.3f} "
           f"{r['mean_err']:>9.4f} {r['max_err']:>8.4f} {acc} {r['seconds']:>7.2f}", flush=True)
 
 
@@ -135,7 +137,7 @@ def bd_summary(rows: list[dict]) -> None:
     from rd_experiment import monotone_frontier
 
     print("\nBD-rate vs kmeans-v1 (akima; negative = fewer bytes at equal quality)")
-    print(f"{'adapter':22s} {'method':11s} {'weight-space':>13} {'accuracy':>9}")
+    print(f"{'adapter':22s} {'method':13s} {'weight-space':>13} {'accuracy':>9}")
     for ad in dict.fromkeys(r["adapter"] for r in rows):
         out = {}
         for quality in ("w", "acc"):
@@ -163,7 +165,7 @@ def bd_summary(rows: list[dict]) -> None:
         for m, d in out.items():
             w = f"{d['w']:+.1f}%" if "w" in d else "-"
             a = f"{d['acc']:+.1f}%" if "acc" in d else "-"
-            print(f"{ad:22s} {m:11s} {w:>13} {a:>9}")
+            print(f"{ad:22s} {m:13s} {w:>13} {a:>9}")
 
 
 def main() -> None:
@@ -177,7 +179,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     ev = Evaluator(args.eval, args.cache_dir, args.seed) if args.eval else None
-    print(f"{'adapter':22s} {'method':11s} {'bits':>4} {'payload B':>10} {'bits/p':>7} {'mean err':>9} "
+    print(f"{'adapter':22s} {'method':13s} {'bits':>4} {'payload B':>10} {'bits/p':>7} {'mean err':>9} "
           f"{'max err':>8} {'acc %':>7} {'enc s':>7}")
     rows: list[dict] = []
     for d in args.adapters:
