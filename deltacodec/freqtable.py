@@ -409,7 +409,10 @@ def best_table(counts: np.ndarray, imin: int, kinds: tuple[str, ...] = ("explici
             bits = data_bits(t, c) + _explicit_side_bits_fast(t.freqs, imin)
             if bits < best_bits:
                 best, best_bits = t, bits
-    if "param" in kinds and k <= 1 << PARAM_PRECISION:
+    # a param table saves at most the explicit table's side bits: skip the fit when those are
+    # already negligible (large tensors)
+    cheap = best is not None and _explicit_side_bits_fast(best.freqs, imin) <= 0.002 * best_bits
+    if "param" in kinds and k <= 1 << PARAM_PRECISION and not cheap:
         t = fit_param_table(c, imin)
         if t is not None:
             bits = data_bits(t, c) + _param_side_bits(imin, k, t.a, t.b, t.shift)

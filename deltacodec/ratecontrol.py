@@ -405,7 +405,9 @@ def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice:
         ta = _quantize_tensor(f"{m.name}.lora_A.weight", m.A, curves[2 * mi], int(choice[2 * mi]))
         a_hat = ta.values.reshape(m.A.shape)
         b_target = refit_b(m.A, m.B, a_hat) if refit else np.asarray(m.B, dtype=np.float32)
-        wb_hat = module_weights(m.A, m.B, m.sine, m.omega, A_for_b=a_hat)[1]
+        # w_B with Â in place of A: same denominator, numerator ‖Â‖² instead of ‖A‖²
+        na2 = float(np.sum(np.square(m.A, dtype=np.float64)))
+        wb_hat = weights[2 * mi + 1] * (float(np.sum(np.square(a_hat, dtype=np.float64))) / na2 if na2 > 0 else 1.0)
         # B keeps the grid point chosen on the unrefitted B: the refit moves B by O(r/in)
         tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]))
         b_hat = tb.values.reshape(m.B.shape)
@@ -466,6 +468,9 @@ def encode_modules(
         goal = value - fixed_bits / max(params, 1)
     history: list[tuple[float, float]] = []
     bisect_kind = "bits" if kind == "bits_per_param" else kind
+    if kind in ("size", "bits_per_param", "bits"):
+        # aim the first round at the middle of the accepted band: estimates are within a few %
+        goal = _goal_from_measure(value * (1.0 - tolerance / 2.0), kind, params, fixed_bits)
     lam = _bisect(model, bisect_kind, goal, params, fixed_bits)
     rounds = 0
     while True:

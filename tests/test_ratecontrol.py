@@ -141,3 +141,11 @@ def test_weights_scale_with_the_other_factor_and_the_product():
 def test_invalid_targets_are_refused(kind, value):
     with pytest.raises(ValueError):
         Target(kind, value)
+
+
+def test_minimax_allocation_lowers_the_largest_module_error():
+    mods = tiny_adapter(False, seed=9)
+    s = encode_modules(mods, Target("size", 1500), allocation="sum")
+    m = encode_modules(mods, Target("size", 1500), allocation="minimax")
+    assert m.max_error < s.max_error
+    assert abs(m.total_bytes - s.total_bytes) <= 0.05 * 1500
