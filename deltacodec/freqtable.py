@@ -18,9 +18,8 @@ frequencies. How the *encoder* picks a table (normalisation, fitting) is free.
 
 from __future__ import annotations
 
-import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, localcontext
 
 import numpy as np
@@ -73,7 +72,6 @@ class FreqTable:
     a: int = 0  # param kind: A = a_mant << shift, B = b_mant << shift
     b: int = 0
     shift: int = 0
-    _cum: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:

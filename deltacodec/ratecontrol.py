@@ -271,7 +271,6 @@ class _Model:
         self.w_err = self.w.copy()  # relative error² per unit SSE (what errors are measured with)
         self.module_of = module_of
         self.n_modules = int(module_of.max()) + 1 if module_of.size else 0
-        self.index_bits_only = None
 
     def minimax(self, eps: float) -> tuple[float, np.ndarray]:
         """Every module's cheapest (A point, B point) with estimated relative error <= eps (or,
