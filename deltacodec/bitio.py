@@ -119,18 +119,22 @@ class BitReader:
         return self._total - self._pos
 
     def bits(self, k: int) -> int:
-        if k > self.remaining:
-            raise BitstreamError(f"needs {k} more bits at bit {self._pos}, {self.remaining} left")
-        v = (self._acc >> self._pos) & ((1 << k) - 1)
-        self._pos += k
-        return v
+        pos = self._pos
+        if pos + k > self._total:
+            raise BitstreamError(f"needs {k} more bits at bit {pos}, {self._total - pos} left")
+        self._pos = pos + k
+        return (self._acc >> pos) & ((1 << k) - 1)
 
     def eg0(self, max_value: int | None = None) -> int:
-        m = 0
-        while self.bits(1) == 0:
-            m += 1
-            if m > MAX_EG0_PREFIX:
-                raise BitstreamError(f"Exp-Golomb prefix longer than {MAX_EG0_PREFIX} bits at bit {self._pos}")
+        # the prefix length is the position of the next one bit, found on a 64-bit window
+        pos = self._pos
+        window = (self._acc >> pos) & 0xFFFFFFFFFFFFFFFF
+        m = (window & -window).bit_length() - 1 if window else 64
+        if m > MAX_EG0_PREFIX:
+            raise BitstreamError(f"Exp-Golomb prefix longer than {MAX_EG0_PREFIX} bits at bit {pos}")
+        if pos + 2 * m + 1 > self._total:
+            raise BitstreamError(f"Exp-Golomb code at bit {pos} runs past the end ({self._total - pos} bits left)")
+        self._pos = pos + m + 1
         v = (1 << m) + self.bits(m) - 1
         if max_value is not None and v > max_value:
             raise BitstreamError(f"value {v} at bit {self._pos} exceeds its limit {max_value}")

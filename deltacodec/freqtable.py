@@ -288,6 +288,7 @@ def _explicit_side_bits_fast(f: np.ndarray, imin: int) -> int:
     return int(head + _egk_bits(rest, order).sum())
 
 
+PRECISION_GAIN = 5e-4  # relative size gain a higher explicit-table precision must bring
 PARAM_PRECISION = 14  # a param table's side bits do not depend on P: use a high one (decode
 # speed and coding efficiency, ~1e-4 at 14, are what bound it)
 
@@ -405,7 +406,9 @@ def best_table(counts: np.ndarray, imin: int, kinds: tuple[str, ...] = ("explici
             if t is None:
                 continue
             bits = data_bits(t, c) + _explicit_side_bits_fast(t.freqs, imin)
-            if bits < best_bits:
+            # a higher precision must pay for its bigger decoder table (2^P entries, cache
+            # misses past 2^13): take it only for a gain of 0.05 % or more
+            if bits < best_bits * (1.0 - PRECISION_GAIN) or best is None:
                 best, best_bits = t, bits
     # a param table saves at most the explicit table's side bits: skip the fit when those are
     # already negligible (large tensors)
