@@ -85,7 +85,8 @@ def test_tables_round_trip_through_their_bits(kind, n, scale, native, rng, monke
     assert np.array_equal(back.freqs, t.freqs)
 
 
-def test_best_table_is_no_worse_than_any_single_kind_or_precision(rng):
+def test_best_table_is_within_the_precision_rule_of_any_single_kind_or_precision(rng):
+    # best_table trades up to PRECISION_GAIN (0.05 %) of size for a smaller decoder table
     for n, scale in ((200, 1.0), (2000, 5.0), (60000, 0.7)):
         c, lo = laplace_counts(rng, n, scale)
         best = ft.best_table(c, lo)
@@ -93,7 +94,7 @@ def test_best_table_is_no_worse_than_any_single_kind_or_precision(rng):
         for p in range(max(1, math.ceil(math.log2(c.size))), 16):
             t = ft.explicit_table(c, lo, p)
             if t is not None:
-                assert cost <= ft.data_bits(t, c) + t.side_bits() + 1e-6
+                assert cost <= (ft.data_bits(t, c) + t.side_bits()) * (1 + ft.PRECISION_GAIN) + 1e-6
         t = ft.fit_param_table(c, lo)
         assert cost <= ft.data_bits(t, c) + t.side_bits() + 1e-6
 
