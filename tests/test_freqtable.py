@@ -95,8 +95,10 @@ def test_best_table_is_within_the_precision_rule_of_any_single_kind_or_precision
             t = ft.explicit_table(c, lo, p)
             if t is not None:
                 assert cost <= (ft.data_bits(t, c) + t.side_bits()) * (1 + ft.PRECISION_GAIN) + 1e-6
+        # the param fit is skipped when the explicit table's side bits are <= 0.2 % of the total,
+        # so a param table can be better by at most that much
         t = ft.fit_param_table(c, lo)
-        assert cost <= ft.data_bits(t, c) + t.side_bits() + 1e-6
+        assert cost <= (ft.data_bits(t, c) + t.side_bits()) * 1.002 + 1e-6
 
 
 def test_small_smooth_tensors_get_param_tables_and_large_skewed_ones_explicit(rng):
