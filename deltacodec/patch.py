@@ -141,8 +141,8 @@ def resolve_names(f: SldFile, names: Collection[str]) -> NameMap:
         if module is not None:
             raise ApplyError(
                 f"{f.path}: stored tensor '{t.name}' is named like a LoRA factor of module "
-                f"'{module}', which the file also holds: ambiguous, so this file cannot be "
-                "applied; no weight was changed"
+                f"'{module}', which the file also holds: one weight takes one delta, so this file "
+                "cannot be applied; no weight was changed"
             )
         key = next((c for c in _candidates(t.name) if c in names), None)
         if key is None:
@@ -572,7 +572,7 @@ class AppliedAdapter:
         """
         if self._removed:
             return
-        where = f"{self.source}: {self.label}" if self.source else self.label
+        where = self.label or self.source  # the label names the file
         if not self._originals and self.patched:
             raise ApplyError(f"{where}: applied with keep_original=False: it cannot be removed")
         later: dict[str, str] = {}
@@ -598,7 +598,8 @@ class AppliedAdapter:
         with torch.no_grad():
             for w, orig in reversed(self._originals):
                 w.copy_(orig)
-                _touched(w, pop=self._record)
+        for w, _ in self._originals:  # after every write: views of one buffer share a version counter
+            _touched(w, pop=self._record)
         self._originals.clear()
         self._removed = True
 
@@ -647,6 +648,10 @@ def apply(
     handle still applied, unless ``allow_stacking=True``. A different adapter on such weights is
     stacked with a :class:`DeltacodecWarning` (silenced by ``allow_stacking=True``), as is a
     patch of a weight under a PEFT layer whose adapters are merged or active.
+
+    Errors: :class:`ApplyError` for everything about applying (each names the file and the module
+    or tensor), :class:`~deltacodec.SldFormatError` and its subclasses for a malformed or corrupt
+    file (every section is read and checked before the first weight changes).
 
     Memory: with ``keep_original=True`` (default) the handle keeps a copy of every patched weight,
     on its device, so ``remove()`` can restore it bit-exactly — for a LLaMA-3-8B q,k,v,up,down
@@ -722,6 +727,7 @@ def apply(
     def rollback() -> None:
         for w, orig in reversed(originals):
             w.copy_(orig)
+        for w, _ in originals:
             _touched(w)
 
     with torch.no_grad():
