@@ -354,6 +354,20 @@ def test_a_weight_converted_after_apply_cannot_be_restored(tmp_path):
         h.remove()
 
 
+def test_a_handle_follows_its_weights_into_a_peft_wrapper(tmp_path):
+    # The registry knows weights by identity, not by name: wrapping the patched model with PEFT
+    # renames them (base_model.model.…base_layer.weight) and the same file is still recognised.
+    model = tiny_llama()
+    A, B = factors(16, 16)
+    x = write_sld(tmp_path / "x.sld", [(Q, A, B, 1.0)])
+    h = deltacodec.apply(model, x)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ApplyError, match=r"already applied to 1 of these weights .*q_proj\.base_layer\.weight"):
+        deltacodec.apply(pm, x)
+    h.remove()
+    deltacodec.apply(pm, x).remove()
+
+
 def test_the_registry_does_not_keep_models_alive(tmp_path):
     model = Tiny()
     x, _, _, _ = two_files(tmp_path, ("lin", "other"), (4, 6))
