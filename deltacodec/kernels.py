@@ -214,6 +214,31 @@ def _largest_magnitude(x: torch.Tensor) -> float:
     return float(torch.maximum(hi, lo.neg()))
 
 
+#: Margin of the cheap finiteness proof in delta_add_torch: the bound on |ΔW| is taken 2%
+#: larger and the dtype's largest value 2% smaller.  That covers the fp32 roundings of the
+#: matmul, of c·d and of the sum (relative (r + 3)·2**-24 at most, far below 2% for any rank
+#: the format allows); a chunk outside the margin is not refused, only checked exactly.
+_PROOF_MARGIN = 0.02
+
+
+def _delta_bound(left: torch.Tensor, right: torch.Tensor, c: float, sine: bool) -> float:
+    """An upper bound on |ΔW| (before the margin): |c| for sine-LoRA (|sin| <= 1), else
+    |c| * max_i sum_k |left_ik| * max |right|.  inf/NaN when it cannot be bounded."""
+    if sine:
+        return abs(c)
+    if left.numel() == 0 or right.numel() == 0:
+        return 0.0
+    rows = float(left.abs().sum(dim=1).max())
+    return abs(c) * rows * float(right.abs().max())
+
+
+def _room_for_w(dtype: torch.dtype, delta_bound: float) -> float:
+    """The largest max |W| of a chunk for which W + ΔW surely stays finite in ``dtype``
+    (negative or NaN when none does)."""
+    top = (1 - _PROOF_MARGIN) * float(torch.finfo(dtype).max)
+    return top - (1 + _PROOF_MARGIN) * delta_bound
+
+
 def _max_nan(a: float | None, b: float) -> float:
     """max(a, b) in which NaN wins (Python's max() drops a NaN in second place)."""
     if a is None:
@@ -307,16 +332,20 @@ def delta_add_torch(
     """Reference backend: ``W += delta`` in place, on W's device (see the module docstring).
 
     W is processed in chunks of whole rows.  Per chunk: ``matmul(..., out=buf)`` into one
-    pre-allocated fp32 buffer, ``buf.sin_()`` (sine only; omega is folded into B), the fp32 sum
-    with W into the same buffer, a check that the sum stays finite once rounded to W's dtype,
-    then one rounding into W.  Peak extra memory is one chunk (``chunk_elements`` fp32 values)
-    plus the dequantized factors, whatever the size of W.
+    pre-allocated fp32 buffer, ``buf.sin_()`` (sine only; omega is folded into B), then the fp32
+    sum with W and one rounding to W's dtype.  Peak extra memory is one chunk
+    (``chunk_elements`` fp32 values) plus the dequantized factors, whatever the size of W.
 
-    Overflow: a chunk whose sum would not be finite in W's dtype (|W + ΔW| >= 65520 for fp16,
-    inf/NaN for fp32, ...) is not written; the remaining chunks are only scanned, to report the
-    largest |W + ΔW|, and :class:`ApplyError` is raised (naming ``name``, W's dtype and that
-    value).  The chunks before the failing one have been patched by then: a caller that must
-    leave W unchanged keeps a copy and restores it (:func:`deltacodec.apply` does).
+    Overflow: no chunk is written unless its sum is finite in W's dtype.  A bound on |ΔW| from
+    the factors alone (|sin| <= 1; |x_ij| <= sum_k |left_ik| * max |right|) and one reduction
+    over the chunk's rows of W prove that for ordinary weights (the add then finds those rows in
+    cache); a chunk near the top of the dtype's range, or holding inf/NaN, has its fp32 sum
+    formed aside and checked exactly (|W + ΔW| >= 65520 overflows fp16, ...) before the
+    rounding into W.  A chunk that overflows is not written, the remaining ones are only
+    scanned for the largest |W + ΔW|, and :class:`ApplyError` is raised naming ``name``, W's
+    dtype and that value.  The chunks before the failing one have been patched by then: a
+    caller that must leave W unchanged keeps a copy and restores it (:func:`deltacodec.apply`
+    does).
     """
     _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
@@ -339,6 +368,7 @@ def delta_add_torch(
     chunk_rows = max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
     buf = torch.empty((chunk_rows, n_cols), dtype=torch.float32, device=W.device)
     limit = OVERFLOW_AT[W.dtype]
+    room = _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
     largest: float | None = None  # set once a chunk overflows: max |W + ΔW| from there on
     for r0 in range(0, n_rows, chunk_rows):
         r1 = min(n_rows, r0 + chunk_rows)
@@ -347,14 +377,21 @@ def delta_add_torch(
         if sine:
             d.sin_()
         w = W[r0:r1]
-        torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
-        # The check reads the fp32 sum before W is written: one reduction over a chunk that is
-        # still in cache.  Rounding to W's dtype overflows exactly when |sum| >= limit.
+        if largest is None and _largest_magnitude(w) <= room:  # NaN/inf in w: not <= room
+            if W.dtype == torch.float32:
+                w.add_(d, alpha=c)
+            else:
+                torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
+                w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+            continue
+        # Exact path: the fp32 sum aside, checked before W is written.  Rounding to W's dtype
+        # overflows exactly when |sum| >= limit.
+        torch.add(w, d, alpha=c, out=d)
         m = _largest_magnitude(d)
         if largest is not None or not m < limit:
             largest = _max_nan(largest, m)
             continue
-        w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+        w.copy_(d)
     if largest is not None:
         raise overflow_error(name, W.dtype, largest)
 

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from deltacodec import kernels as kernels_module  # noqa: E402
 from deltacodec.errors import ApplyError, SldFormatError  # noqa: E402
 from deltacodec.kernels import (  # noqa: E402
     FACTOR_WIDTHS,
@@ -425,6 +426,31 @@ def test_torch_backend_writes_no_overflowing_chunk_and_reports_the_largest_sum()
                         chunk_elements=2)
     assert W[:, 0].tolist() == [30016.0, 30032.0, 3e4, 3e4, 3e4, 3e4]
     assert torch.isfinite(W).all()
+
+
+# Values beyond the torch backend's cheap finiteness proof (2% below the dtype's largest) but
+# far enough from it that W + ΔW (|ΔW| ~ 1) stays finite: exact in each dtype.
+NEAR_TOP = {torch.float16: 65024.0, torch.bfloat16: 3.35e38, torch.float32: 3.35e38}
+
+
+@pytest.mark.parametrize("sine", [True, False], ids=["sine", "plain"])
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_torch_backend_chunks_near_the_top_of_the_range_are_checked_exactly_and_patched_alike(
+    dtype, sine, monkeypatch
+):
+    W, A, B, a, b, params = make_problem(
+        31, out_f=40, in_f=24, rank=4, a_spec=(3, 3), b_spec=(4, 4),
+        dtype=dtype, fan_in_fan_out=False, sine=sine, omega=50.0,
+    )
+    W[5, 3], W[33, 0] = NEAR_TOP[dtype], -NEAR_TOP[dtype]  # chunks 0 and 3 of 4 (10 rows each)
+    expected, E, _ = expected_and_bound(W, a, b, params=params, rank=4, fan_in_fan_out=False, dtype=dtype)
+    calls = []
+    real = kernels_module._largest_magnitude
+    monkeypatch.setattr(kernels_module, "_largest_magnitude", lambda x: calls.append(x.shape) or real(x))
+    delta_add_torch(W, A, B, fan_in_fan_out=False, chunk_elements=240, **params)
+    # One reduction per chunk over W's rows; a second, over the sums, in the two exact chunks.
+    assert len(calls) == 4 + 2
+    assert_within(as_f64(W), expected, E, "exact and proven chunks vs float64")
 
 
 @needs_triton
