@@ -18,7 +18,7 @@ Whole model: LLaMA-3-8B has 32 layers of q, k, v, o (4096x4096, 1024x4096, 1024x
 times with those multiplicities.
 
 Usage: python benchmarks/bench_apply.py [--dtype float32|float16|bfloat16] [--ranks 8 16]
-       [--repeat 5] [--plot out.png]
+       [--repeat 5] [--shapes q,o ...] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ def make_problem(out_f: int, in_f: int, rank: int, dtype: torch.dtype, device: s
     return W, A, B
 
 
-def bench_cpu(rank: int, dtype: torch.dtype, repeat: int) -> dict:
+def bench_cpu(rank: int, dtype: torch.dtype, repeat: int, shapes=SHAPES) -> dict:
     rows = {}
     params = dict(scale=SCALE, omega=OMEGA, gamma=GAMMA, sine=True, fan_in_fan_out=False)
-    for name, out_f, in_f, _ in SHAPES:
+    for name, out_f, in_f, _ in shapes:
         W, A, B = make_problem(out_f, in_f, rank, dtype, "cpu")
         a, b = dequantize_torch(A), dequantize_torch(B)
 
@@ -111,7 +111,7 @@ def bench_cpu(rank: int, dtype: torch.dtype, repeat: int) -> dict:
     return rows
 
 
-def bench_cuda(rank: int, dtype: torch.dtype, repeat: int) -> dict:
+def bench_cuda(rank: int, dtype: torch.dtype, repeat: int, shapes=SHAPES) -> dict:
     # Device read+write bandwidth from a large copy (reads and writes 512 MiB each).
     src = torch.empty(1 << 27, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
@@ -120,7 +120,7 @@ def bench_cuda(rank: int, dtype: torch.dtype, repeat: int) -> dict:
     del src, dst
     rows = {}
     params = dict(scale=SCALE, omega=OMEGA, gamma=GAMMA, sine=True, fan_in_fan_out=False)
-    for name, out_f, in_f, _ in SHAPES:
+    for name, out_f, in_f, _ in shapes:
         W, A, B = make_problem(out_f, in_f, rank, dtype, "cuda")
         a, b = dequantize_torch(A, device="cuda"), dequantize_torch(B, device="cuda")
 
@@ -138,38 +138,45 @@ def bench_cuda(rank: int, dtype: torch.dtype, repeat: int) -> dict:
     return rows, bandwidth
 
 
-def whole_model(rows: dict) -> dict:
+def whole_model(rows: dict) -> dict | None:
+    """Per-method totals over LLaMA-3-8B's 224 modules; None unless every shape was measured."""
+    if len(rows) != len(SHAPES):
+        return None
     keys = next(iter(rows.values())).keys()
     return {k: LAYERS * sum(count * rows[name][k] for name, _, _, count in SHAPES) for k in keys}
 
 
-def print_cpu_table(rank: int, rows: dict) -> None:
+def print_cpu_table(rank: int, rows: dict, shapes=SHAPES) -> None:
     print(f"\nCPU, rank {rank}, {BITS}-bit factors  (ms, best of repeats)")
     head = f"{'module (out x in)':<24}{'naive':>9}{'torch':>9}{'sin':>9}{'matmul':>9}{'floor':>9}{'torch/floor':>13}{'naive/torch':>13}"
     print(head)
     print("-" * len(head))
-    for (name, out_f, in_f, _), r in zip(SHAPES, rows.values()):
+    for (name, out_f, in_f, _), r in zip(shapes, rows.values()):
         label = f"{name} {out_f}x{in_f}"
         print(f"{label:<24}{r['naive']:9.1f}{r['torch']:9.1f}{r['sin']:9.1f}{r['matmul']:9.1f}{r['floor']:9.1f}"
               f"{r['torch'] / r['floor']:13.2f}{r['naive'] / r['torch']:13.2f}")
     m = whole_model(rows)
+    if m is None:
+        return
     print(f"{'whole model (7x32 mods)':<24}{m['naive']:9.0f}{m['torch']:9.0f}{m['sin']:9.0f}{m['matmul']:9.0f}"
           f"{m['floor']:9.0f}{m['torch'] / m['floor']:13.2f}{m['naive'] / m['torch']:13.2f}")
 
 
-def print_cuda_table(rank: int, rows: dict, bandwidth: float) -> None:
+def print_cuda_table(rank: int, rows: dict, bandwidth: float, shapes=SHAPES) -> None:
     print(f"\nCUDA ({torch.cuda.get_device_name()}), rank {rank}  (ms, median; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s)")
     has_triton = "triton" in next(iter(rows.values()))
     head = f"{'module (out x in)':<24}{'naive':>9}{'torch':>9}{'triton':>9}{'R+W bound':>11}{'triton/bound':>14}{'naive/triton':>14}"
     print(head)
     print("-" * len(head))
-    for (name, out_f, in_f, _), r in zip(SHAPES, rows.values()):
+    for (name, out_f, in_f, _), r in zip(shapes, rows.values()):
         t = r.get("triton", float("nan"))
         label = f"{name} {out_f}x{in_f}"
         print(f"{label:<24}{r['naive']:9.3f}{r['torch']:9.3f}{t:9.3f}{r['bound']:11.3f}{t / r['bound']:14.2f}"
               f"{r['naive'] / t:14.2f}")
     m = whole_model(rows)
+    if m is None:
+        return
     t = m.get("triton", float("nan"))
     print(f"{'whole model (7x32 mods)':<24}{m['naive']:9.1f}{m['torch']:9.1f}{t:9.1f}{m['bound']:11.1f}"
           f"{t / m['bound']:14.2f}{m['naive'] / t:14.2f}")
@@ -207,22 +214,25 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU tables")
+    parser.add_argument("--shapes", nargs="+", choices=[n for n, *_ in SHAPES], metavar="NAME",
+                        help=f"only these module shapes ({', '.join(n for n, *_ in SHAPES)}); no whole-model line")
     parser.add_argument("--plot", metavar="PNG", help="also write a bar chart (needs matplotlib)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
 
     print(f"W dtype {args.dtype}; {BITS}-bit factors; omega={OMEGA}, scale={SCALE}, gamma={GAMMA}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = {}
     if not args.no_cpu:
         for rank in args.ranks:
-            rows = bench_cpu(rank, dtype, args.repeat)
-            print_cpu_table(rank, rows)
+            rows = bench_cpu(rank, dtype, args.repeat, shapes)
+            print_cpu_table(rank, rows, shapes)
             results[f"CPU rank {rank}"] = rows
     if torch.cuda.is_available():
         for rank in args.ranks:
-            rows, bandwidth = bench_cuda(rank, dtype, max(args.repeat, 20))
-            print_cuda_table(rank, rows, bandwidth)
+            rows, bandwidth = bench_cuda(rank, dtype, max(args.repeat, 20), shapes)
+            print_cuda_table(rank, rows, bandwidth, shapes)
             results[f"CUDA rank {rank}"] = rows
     else:
         print("\n(no CUDA device: GPU table skipped)")

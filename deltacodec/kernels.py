@@ -16,6 +16,7 @@ summation order of the rank-r matmul and in the last bit of ``sin``)::
     plain:  c = float32(scale)
             d = c * x
     W     <- round_to(W.dtype, fp32(float32(W) + d)) # one fp32 sum, one rounding (RTNE)
+             unless that rounding is not finite: then ApplyError (see OVERFLOW_AT)
 
 ``W`` is ``(out, in)``; with ``fan_in_fan_out=True`` it is stored transposed, ``(in, out)``,
 and receives ``d.T``.  ``W`` may be float32, float16 or bfloat16.  ``c * s + w`` may be
@@ -65,6 +66,8 @@ __all__ = [
     "W_DTYPES",
     "FACTOR_WIDTHS",
     "RANK_BLOCKS",
+    "OVERFLOW_AT",
+    "overflow_error",
 ]
 
 #: Weight dtypes the apply path supports.
@@ -152,24 +155,95 @@ def _check_factor(f: PackedFactor, name: str) -> None:
         )
 
 
+def _where(name: str | None) -> str:
+    """The prefix of an error message about the weight called ``name`` ("" when unnamed)."""
+    return f"{name}: " if name else ""
+
+
 def _check_operands(
-    W: torch.Tensor, A: PackedFactor, B: PackedFactor, fan_in_fan_out: bool
+    W: torch.Tensor, A: PackedFactor, B: PackedFactor, fan_in_fan_out: bool, name: str | None = None
 ) -> tuple[int, int, int]:
     """Validate W, A, B together; return (out_features, in_features, rank)."""
     _check_factor(A, "A")
     _check_factor(B, "B")
     rank, in_features = (int(n) for n in A.shape)
     out_features, rank_b = (int(n) for n in B.shape)
+    where = _where(name)
     if rank_b != rank:
-        raise ApplyError(f"rank mismatch: A is {tuple(A.shape)} (r x in), B is {tuple(B.shape)} (out x r)")
+        raise ApplyError(f"{where}rank mismatch: A is {tuple(A.shape)} (r x in), B is {tuple(B.shape)} (out x r)")
     if not isinstance(W, torch.Tensor) or W.dtype not in W_DTYPES:
         got = W.dtype if isinstance(W, torch.Tensor) else type(W).__name__
-        raise ApplyError(f"W must be a float32/float16/bfloat16 tensor, got {got}")
+        raise ApplyError(f"{where}W must be a float32/float16/bfloat16 tensor, got {got}")
     expected = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
     if tuple(W.shape) != expected:
         layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
-        raise ApplyError(f"W has shape {tuple(W.shape)}, expected {expected} = {layout}")
+        raise ApplyError(f"{where}W has shape {tuple(W.shape)}, expected {expected} = {layout}")
     return out_features, in_features, rank
+
+
+# --------------------------------------------------------------------------------------------
+# Overflow: W + delta must stay finite in W's dtype
+# --------------------------------------------------------------------------------------------
+
+#: The smallest fp32 magnitude that rounds to infinity in each W dtype (round to nearest even:
+#: the halfway point between the largest finite value and the next power of two rounds up,
+#: because the largest finite value has an odd significand).  fp16: 65504 is the largest, so
+#: 65520 and above become inf; bf16: (2 - 2**-7) * 2**127 is the largest, (2 - 2**-8) * 2**127
+#: rounds up; fp32 sums are already in W's dtype, so only inf/NaN fail.
+OVERFLOW_AT: dict[torch.dtype, float] = {
+    torch.float32: math.inf,
+    torch.float16: 65520.0,
+    torch.bfloat16: (2.0 - 2.0**-8) * 2.0**127,
+}
+
+
+def overflow_error(name: str | None, dtype: torch.dtype, largest: float) -> ApplyError:
+    """The error for a sum ``W + delta`` that is not finite once rounded to ``dtype``.
+    ``largest``: the largest |W + delta| in fp32 (inf or NaN included)."""
+    dt = str(dtype).removeprefix("torch.")
+    if math.isnan(largest):
+        what = "W + ΔW has NaN elements"
+    else:
+        what = f"the largest |W + ΔW| is {largest:.6g}, {dt} holds at most {torch.finfo(dtype).max:.6g}"
+    return ApplyError(f"{_where(name)}W + ΔW is not finite in {dt}: {what}")
+
+
+def _largest_magnitude(x: torch.Tensor) -> float:
+    """max |x| as a Python float, NaN if any element is NaN (one reduction pass, one sync)."""
+    lo, hi = torch.aminmax(x)  # aminmax propagates NaN; a separate abs() would allocate
+    return float(torch.maximum(hi, lo.neg()))
+
+
+#: Margin of the cheap finiteness proof in delta_add_torch: the bound on |ΔW| is taken 2%
+#: larger and the dtype's largest value 2% smaller.  That covers the fp32 roundings of the
+#: matmul, of c·d and of the sum (relative (r + 3)·2**-24 at most, far below 2% for any rank
+#: the format allows); a chunk outside the margin is not refused, only checked exactly.
+_PROOF_MARGIN = 0.02
+
+
+def _delta_bound(left: torch.Tensor, right: torch.Tensor, c: float, sine: bool) -> float:
+    """An upper bound on |ΔW| (before the margin): |c| for sine-LoRA (|sin| <= 1), else
+    |c| * max_i sum_k |left_ik| * max |right|.  inf/NaN when it cannot be bounded."""
+    if sine:
+        return abs(c)
+    if left.numel() == 0 or right.numel() == 0:
+        return 0.0
+    rows = float(left.abs().sum(dim=1).max())
+    return abs(c) * rows * float(right.abs().max())
+
+
+def _room_for_w(dtype: torch.dtype, delta_bound: float) -> float:
+    """The largest max |W| of a chunk for which W + ΔW surely stays finite in ``dtype``
+    (negative or NaN when none does)."""
+    top = (1 - _PROOF_MARGIN) * float(torch.finfo(dtype).max)
+    return top - (1 + _PROOF_MARGIN) * delta_bound
+
+
+def _max_nan(a: float | None, b: float) -> float:
+    """max(a, b) in which NaN wins (Python's max() drops a NaN in second place)."""
+    if a is None:
+        return b
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,15 +327,27 @@ def delta_add_torch(
     sine: bool,
     fan_in_fan_out: bool,
     chunk_elements: int | None = None,
+    name: str | None = None,
 ) -> None:
     """Reference backend: ``W += delta`` in place, on W's device (see the module docstring).
 
     W is processed in chunks of whole rows.  Per chunk: ``matmul(..., out=buf)`` into one
-    pre-allocated fp32 buffer, ``buf.mul_(omega).sin_()`` (sine only), then the fp32 sum with W
-    and one rounding to W's dtype.  Peak extra memory is one chunk (``chunk_elements`` fp32
-    values) plus the dequantized factors, whatever the size of W.
+    pre-allocated fp32 buffer, ``buf.sin_()`` (sine only; omega is folded into B), then the fp32
+    sum with W and one rounding to W's dtype.  Peak extra memory is one chunk
+    (``chunk_elements`` fp32 values) plus the dequantized factors, whatever the size of W.
+
+    Overflow: no chunk is written unless its sum is finite in W's dtype.  A bound on |ΔW| from
+    the factors alone (|sin| <= 1; |x_ij| <= sum_k |left_ik| * max |right|) and one reduction
+    over the chunk's rows of W prove that for ordinary weights (the add then finds those rows in
+    cache); a chunk near the top of the dtype's range, or holding inf/NaN, has its fp32 sum
+    formed aside and checked exactly (|W + ΔW| >= 65520 overflows fp16, ...) before the
+    rounding into W.  A chunk that overflows is not written, the remaining ones are only
+    scanned for the largest |W + ΔW|, and :class:`ApplyError` is raised naming ``name``, W's
+    dtype and that value.  The chunks before the failing one have been patched by then: a
+    caller that must leave W unchanged keeps a copy and restores it (:func:`deltacodec.apply`
+    does).
     """
-    _check_operands(W, A, B, fan_in_fan_out)
+    _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
     omega32 = _omega32(omega) if sine else 1.0
     if W.numel() == 0:
@@ -281,6 +367,9 @@ def delta_add_torch(
         chunk_elements = _CHUNK_ELEMENTS.get(W.device.type, 1 << 20)
     chunk_rows = max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
     buf = torch.empty((chunk_rows, n_cols), dtype=torch.float32, device=W.device)
+    limit = OVERFLOW_AT[W.dtype]
+    room = _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
+    largest: float | None = None  # set once a chunk overflows: max |W + ΔW| from there on
     for r0 in range(0, n_rows, chunk_rows):
         r1 = min(n_rows, r0 + chunk_rows)
         d = buf[: r1 - r0]
@@ -288,11 +377,23 @@ def delta_add_torch(
         if sine:
             d.sin_()
         w = W[r0:r1]
-        if W.dtype == torch.float32:
-            w.add_(d, alpha=c)
-        else:
-            torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
-            w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+        if largest is None and _largest_magnitude(w) <= room:  # NaN/inf in w: not <= room
+            if W.dtype == torch.float32:
+                w.add_(d, alpha=c)
+            else:
+                torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
+                w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+            continue
+        # Exact path: the fp32 sum aside, checked before W is written.  Rounding to W's dtype
+        # overflows exactly when |sum| >= limit.
+        torch.add(w, d, alpha=c, out=d)
+        m = _largest_magnitude(d)
+        if largest is not None or not m < limit:
+            largest = _max_nan(largest, m)
+            continue
+        w.copy_(d)
+    if largest is not None:
+        raise overflow_error(name, W.dtype, largest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,6 +489,7 @@ def _triton_kernel():
         rank,
         omega,  # fp32
         c,  # fp32
+        largest_ptr,  # int32[1], zero before the launch: receives the bits of max |W + delta|
         A_WIDTH: tl.constexpr,
         B_WIDTH: tl.constexpr,
         SINE: tl.constexpr,
@@ -440,6 +542,12 @@ def _triton_kernel():
         w_ptrs = w_ptr + rows64[:, None] * stride_w_row + cols64[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         total = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + delta
+        # max |total| over the tile, as the bit pattern of a non-negative fp32: those order like
+        # int32, and NaN (0x7FC00000 and up once the sign is cleared) orders above inf
+        # (0x7F800000), so one integer atomic max gives the caller the largest magnitude, NaN
+        # winning.  The caller compares it with OVERFLOW_AT[W.dtype] after the launch.
+        magnitude = tl.where(mask, tl.abs(total), 0.0).to(tl.int32, bitcast=True)
+        tl.atomic_max(largest_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))
         if w_ptr.dtype.element_ty == tl.bfloat16:
             out = _round_to_bfloat16(total)
         else:
@@ -499,6 +607,7 @@ def delta_add_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    name: str | None = None,
 ) -> None:
     """Fused Triton backend: same contract as :func:`delta_add_torch`.
 
@@ -506,8 +615,14 @@ def delta_add_triton(
     streams and codebooks are copied to W's device as stored (a few hundred KiB); dequantized
     factors and the delta never exist in global memory.  W must be on a CUDA device, or on the
     CPU with ``TRITON_INTERPRET=1`` set before triton is first imported.
+
+    Overflow: every program also folds max |W + ΔW| of its tile into one int32 (an atomic max);
+    after the launch (one device sync) a value that does not round to a finite number in W's
+    dtype raises :class:`ApplyError` naming ``name``, the dtype and that value.  The tiles are
+    written by then, non-finite values included: the caller restores W from its copy
+    (:func:`deltacodec.apply` does).
     """
-    _, _, rank = _check_operands(W, A, B, fan_in_fan_out)
+    _, _, rank = _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
     omega32 = _omega32(omega) if sine else 1.0
     if W.device.type != "cuda" and not _interpreting():
@@ -532,6 +647,7 @@ def delta_add_triton(
 
     target = W if W.stride(-1) == 1 else W.contiguous()  # the kernel assumes unit column stride
     n_rows, n_cols = target.shape
+    largest = torch.zeros(1, dtype=torch.int32, device=W.device)
     grid = (triton.cdiv(n_rows, tile["block_m"]), triton.cdiv(n_cols, tile["block_n"]))
     kernel[grid](
         target,
@@ -545,6 +661,7 @@ def delta_add_triton(
         rank,
         omega32,
         c,
+        largest,
         A_WIDTH=A.kernel_width,
         B_WIDTH=B.kernel_width,
         SINE=bool(sine),
@@ -559,6 +676,9 @@ def delta_add_triton(
     )
     if target is not W:
         W.copy_(target)
+    m = float(largest.view(torch.float32).item())
+    if not m < OVERFLOW_AT[W.dtype]:
+        raise overflow_error(name, W.dtype, m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,12 +720,17 @@ def delta_add(
     sine: bool,
     fan_in_fan_out: bool,
     backend: str = "auto",
+    name: str | None = None,
 ) -> str:
-    """Patch ``W`` in place with the backend :func:`select_backend` picks; returns its name."""
-    name = select_backend(W, backend)
-    apply = delta_add_triton if name == "triton" else delta_add_torch
-    apply(W, A, B, scale=scale, omega=omega, gamma=gamma, sine=sine, fan_in_fan_out=fan_in_fan_out)
-    return name
+    """Patch ``W`` in place with the backend :func:`select_backend` picks; returns the backend's
+    name.  ``name`` (e.g. the module's or tensor's name) prefixes every error message.
+
+    Raises :class:`ApplyError` when W + ΔW would not be finite in W's dtype; W may be partly
+    patched then (see the backends), so a caller that must not lose W keeps a copy."""
+    chosen = select_backend(W, backend)
+    apply = delta_add_triton if chosen == "triton" else delta_add_torch
+    apply(W, A, B, scale=scale, omega=omega, gamma=gamma, sine=sine, fan_in_fan_out=fan_in_fan_out, name=name)
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,6 +796,7 @@ def compile_for_gpu(
         "rank": "i32",
         "omega": "fp32",
         "c": "fp32",
+        "largest_ptr": "*i32",
     }
     constexprs = {
         "A_WIDTH": a_width,

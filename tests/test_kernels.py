@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from deltacodec import kernels as kernels_module  # noqa: E402
 from deltacodec.errors import ApplyError, SldFormatError  # noqa: E402
 from deltacodec.kernels import (  # noqa: E402
     FACTOR_WIDTHS,
@@ -356,6 +357,114 @@ def test_sum_is_rounded_once_to_nearest_even_in_w_dtype(backend, dtype):
     apply = delta_add_triton if backend == "triton" else delta_add_torch
     apply(W, A, B, scale=1.0, omega=1.0, gamma=1.0, sine=False, fan_in_fan_out=False)
     assert W[:, 0].tolist() == list(expected) and W[:, 1].tolist() == list(expected)
+
+
+# W + delta at the edge of each dtype's range.  Plain LoRA, rank 1, A = [[1, 1]], so row i of
+# W receives c * B[i] exactly (c = float32(scale), B in fp16); every sum below is exact in fp32.
+FP32_MAX = float(torch.finfo(torch.float32).max)  # (2 - 2**-23) * 2**127, ulp 2**104
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)  # (2 - 2**-7) * 2**127, ulp 2**120
+OVERFLOW_EDGES = {
+    # dtype: (W value, scale, B value that stays finite, B value that overflows, rounded finite result)
+    # fp16: 65504 + 15.984375 rounds down to 65504; 65504 + 16 = 65520 is halfway to 65536 and
+    # rounds (to even) up to inf.
+    torch.float16: (65504.0, 1.0, 15.984375, 16.0, 65504.0),
+    # bf16: the largest value plus just under half an ulp rounds down; plus half an ulp (2**119)
+    # ties to even, upwards: inf, though the fp32 sum is finite.
+    torch.bfloat16: (BF16_MAX, 2.0**119, 1 - 2.0**-11, 1.0, BF16_MAX),
+    # fp32: the largest value plus a quarter ulp stays; plus half an ulp ties to even: inf.
+    torch.float32: (FP32_MAX, 2.0**102, 1.0, 2.0, FP32_MAX),
+}
+
+
+def _column(values, dtype=torch.float16) -> PackedFactor:
+    v = torch.tensor(values, dtype=dtype).reshape(-1, 1)
+    return PackedFactor(v, None, 16, 16, (len(values), 1))
+
+
+ONES_1x2 = PackedFactor(torch.ones(1, 2, dtype=torch.float16), None, 16, 16, (1, 2))
+
+
+@pytest.mark.parametrize("dtype", list(OVERFLOW_EDGES), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_sum_that_rounds_to_inf_in_w_dtype_is_refused_at_the_exact_threshold(backend, dtype):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    w0, scale, fits, overflows, rounded = OVERFLOW_EDGES[dtype]
+    params = dict(scale=scale, omega=1.0, gamma=1.0, sine=False, fan_in_fan_out=False, backend=backend)
+    W = torch.full((1, 2), w0, dtype=dtype)
+    assert delta_add(W, ONES_1x2, _column([fits]), name="m", **params) == backend
+    assert W.tolist() == [[rounded, rounded]]
+    W = torch.full((1, 2), w0, dtype=dtype)
+    with pytest.raises(ApplyError) as exc:
+        delta_add(W, ONES_1x2, _column([overflows]), name="module 'm'", **params)
+    dt = str(dtype).removeprefix("torch.")
+    largest = w0 + scale * overflows if dtype != torch.float32 else math.inf
+    assert str(exc.value) == (
+        f"module 'm': W + ΔW is not finite in {dt}: the largest |W + ΔW| is {largest:.6g}, "
+        f"{dt} holds at most {torch.finfo(dtype).max:.6g}"
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_in_the_sum_is_refused(backend):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    W = torch.tensor([[1.0, float("nan")]], dtype=torch.bfloat16)  # W itself already holds a NaN
+    with pytest.raises(ApplyError, match="not finite in bfloat16: W \\+ ΔW has NaN elements"):
+        delta_add(W, ONES_1x2, _column([1.0]), scale=1.0, omega=1.0, gamma=1.0, sine=False,
+                  fan_in_fan_out=False, backend=backend)
+
+
+def test_torch_backend_writes_no_overflowing_chunk_and_reports_the_largest_sum():
+    # One row per chunk. Rows 2 and 4 overflow float16 (70000, 90000): rows 0-1 were patched
+    # before the first overflow was seen, the rest is untouched, and the message gives the
+    # largest sum over the whole weight (row 4), not the first one found.
+    W = torch.full((6, 2), 3e4, dtype=torch.float16)
+    B = _column([16.0, 32.0, 4e4, 16.0, 6e4, 16.0])  # float16 spacing at 3e4 is 16
+    with pytest.raises(ApplyError, match="the largest \\|W \\+ ΔW\\| is 90000, float16 holds at most 65504"):
+        delta_add_torch(W, ONES_1x2, B, scale=1.0, omega=1.0, gamma=1.0, sine=False, fan_in_fan_out=False,
+                        chunk_elements=2)
+    assert W[:, 0].tolist() == [30016.0, 30032.0, 3e4, 3e4, 3e4, 3e4]
+    assert torch.isfinite(W).all()
+
+
+# Values beyond the torch backend's cheap finiteness proof (2% below the dtype's largest) but
+# far enough from it that W + ΔW (|ΔW| ~ 1) stays finite: exact in each dtype.
+NEAR_TOP = {torch.float16: 65024.0, torch.bfloat16: 3.35e38, torch.float32: 3.35e38}
+
+
+@pytest.mark.parametrize("sine", [True, False], ids=["sine", "plain"])
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_torch_backend_chunks_near_the_top_of_the_range_are_checked_exactly_and_patched_alike(
+    dtype, sine, monkeypatch
+):
+    W, A, B, a, b, params = make_problem(
+        31, out_f=40, in_f=24, rank=4, a_spec=(3, 3), b_spec=(4, 4),
+        dtype=dtype, fan_in_fan_out=False, sine=sine, omega=50.0,
+    )
+    W[5, 3], W[33, 0] = NEAR_TOP[dtype], -NEAR_TOP[dtype]  # chunks 0 and 3 of 4 (10 rows each)
+    expected, E, _ = expected_and_bound(W, a, b, params=params, rank=4, fan_in_fan_out=False, dtype=dtype)
+    calls = []
+    real = kernels_module._largest_magnitude
+    monkeypatch.setattr(kernels_module, "_largest_magnitude", lambda x: calls.append(x.shape) or real(x))
+    delta_add_torch(W, A, B, fan_in_fan_out=False, chunk_elements=240, **params)
+    # One reduction per chunk over W's rows; a second, over the sums, in the two exact chunks.
+    assert len(calls) == 4 + 2
+    assert_within(as_f64(W), expected, E, "exact and proven chunks vs float64")
+
+
+@needs_triton
+def test_triton_kernel_reports_the_largest_sum_over_every_tile():
+    # 16x16 tiles over a 40x40 W: the overflowing rows lie in different tiles, the largest in
+    # the last (partial) tile row.
+    n = 40
+    deltas = [1.0] * n
+    deltas[3], deltas[37] = 4e4, 6e4
+    A = PackedFactor(torch.ones(1, n, dtype=torch.float16), None, 16, 16, (1, n))
+    W = torch.full((n, n), 3e4, dtype=torch.float16)
+    with pytest.raises(ApplyError, match="the largest \\|W \\+ ΔW\\| is 90000"):
+        delta_add_triton(W, A, _column(deltas), scale=1.0, omega=1.0, gamma=1.0, sine=False,
+                         fan_in_fan_out=False, block_m=16, block_n=16)
 
 
 def test_delta_coefficient_is_the_fp32_rounded_float64_quotient():
