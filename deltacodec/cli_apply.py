@@ -202,7 +202,7 @@ def _plan(lay: _Layout, headers: dict[str, StHeader], f: SldFile) -> dict[str, d
     A module entry adds its delta to the key's weight; a tensor entry (stored losslessly, e.g.
     PEFT's modules_to_save) replaces the key's tensor.
     """
-    from .patch import _candidates, unusable_reason
+    from .patch import resolve_names, unusable_reason
 
     where: dict[str, tuple[str, StEntry]] = {}
     for rel, h in headers.items():
@@ -213,39 +213,25 @@ def _plan(lay: _Layout, headers: dict[str, StHeader], f: SldFile) -> dict[str, d
                     f"{_shard_path(lay, rel)}; a loader would read only one of them"
                 )
             where[e.name] = (rel, e)
+    names = resolve_names(f, where)  # two entries reaching one tensor: refused here, whatever else fits
     plan: dict[str, dict[str, Any]] = {rel: {} for rel in lay.shards}
-    owner: dict[str, str] = {}
-    problems = []
-
-    def claim(key: str, name: str) -> bool:
-        if key in owner:
-            problems.append(f"'{owner[key]}' and '{name}' both resolve to the checkpoint tensor '{key}'")
-            return False
-        owner[key] = name
-        return True
-
-    for m in f.modules:
-        key = next((c + ".weight" for c in _candidates(m.name) if c + ".weight" in where), None)
-        if key is None:
-            problems.append(f"{m.name}: no tensor '{m.name}.weight' (with or without 'base_model.model.')")
-            continue
+    problems = [f"{m.name}: no tensor '{m.name}.weight' (with or without 'base_model.model.')"
+                for m in names.missing_modules]
+    problems += [f"{t.name}: {unusable_reason(t.name)}" for t in names.missing_tensors]
+    for m, key in names.modules:
         rel, e = where[key]
         want = [m.in_features, m.out_features] if m.fan_in_fan_out else [m.out_features, m.in_features]
         if list(e.shape) != want:
             problems.append(f"{m.name}: '{key}' is {list(e.shape)}, the file needs {want}")
         elif e.dtype not in _WEIGHT_DTYPES:
             problems.append(f"{m.name}: '{key}' has dtype {e.dtype}, expected {', '.join(_WEIGHT_DTYPES)}")
-        elif claim(key, m.name):
+        else:
             plan[rel][key] = m
-    for t in f.tensors:
-        key = next((c for c in _candidates(t.name) if c in where), None)
-        if key is None:
-            problems.append(f"{t.name}: {unusable_reason(t.name)}")
-            continue
+    for t, key in names.tensors:
         rel, e = where[key]
         if list(e.shape) != list(t.shape) or e.dtype not in _EXTRA_DTYPES:
             problems.append(f"{t.name}: '{key}' is {e.dtype} {list(e.shape)}, the file holds {list(t.shape)}")
-        elif claim(key, t.name):
+        else:
             plan[rel][key] = t
     if problems:
         raise ApplyError(
@@ -289,22 +275,23 @@ def _patched(path: str, where: str, e: StEntry, entry: Any, f: SldFile) -> bytea
     with torch.no_grad():
         if isinstance(entry, TensorEntry):
             W.copy_(torch.from_numpy(np.ascontiguousarray(f.tensor(entry))))
-            newly = ~torch.isfinite(W)
-        else:
-            finite = torch.isfinite(W)
+            n = int((~torch.isfinite(W)).sum())
+            if n:
+                raise ApplyError(
+                    f"{f.path}: '{entry.name}' would make {n} value(s) of '{e.name}' in {where} non-finite "
+                    f"in {e.dtype}; nothing was written"
+                )
+            return buf
+        try:
+            # The kernel refuses a sum that is not finite in W's dtype before writing that chunk.
             kernels.delta_add(
                 W, packed_factor(f, entry.A, W.device), packed_factor(f, entry.B, W.device),
                 scale=entry.scale, omega=entry.omega if entry.sine else 0.0,
                 gamma=entry.gamma if entry.sine else 1.0, sine=entry.sine,
-                fan_in_fan_out=entry.fan_in_fan_out, backend="torch",
+                fan_in_fan_out=entry.fan_in_fan_out, backend="torch", name=f"'{e.name}' in {where}",
             )
-            newly = finite & ~torch.isfinite(W)
-    n = int(newly.sum())
-    if n:
-        raise ApplyError(
-            f"{f.path}: '{entry.name}' would make {n} value(s) of '{e.name}' in {where} non-finite in "
-            f"{e.dtype}; nothing was written"
-        )
+        except ApplyError as exc:
+            raise ApplyError(f"{f.path}: {exc}; nothing was written") from None
     return buf
 
 

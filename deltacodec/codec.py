@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import __version__ as _version
-from .adapter import GAMMA_SQRT_IN, Adapter, AdapterModule, read_adapter, write_adapter
+from .adapter import GAMMA_SQRT_IN, Adapter, read_adapter, write_adapter
 from .entropy import DEFAULT_LEVEL, MAX_LEVEL, compress
 from .errors import DecodeError, DeltacodecWarning, EncodeError
 from .format import SldFile, TensorEntry, build_container

@@ -393,7 +393,7 @@ def test_a_delta_that_overflows_the_weight_dtype_is_refused(tmp_path):
     make_checkpoint(base, torch.float16)
     save_file({Q: torch.full((32, 48), 60000.0, dtype=torch.float16)}, str(base / SHARD1))
     _index(base, {"weight_map": {Q: SHARD1, DOWN: SHARD2, "norm.weight": SHARD2}})
-    with pytest.raises(ApplyError, match="non-finite in F16") as exc:
+    with pytest.raises(ApplyError, match="not finite in float16.*nothing was written") as exc:
         apply_checkpoint(base, sld, tmp_path / "out")
     assert Q in str(exc.value) and str(base / SHARD1) in str(exc.value)
     assert not (tmp_path / "out").exists() and no_temps(tmp_path)

@@ -25,7 +25,7 @@ import deltacodec
 from deltacodec import ApplyError, DeltacodecWarning, SldFile, SldLimitError
 from deltacodec import kernels
 from deltacodec.patch import resolve_names
-from sldtools import assemble, lora_module, raw_tensor
+from sldtools import assemble, codebook_tensor, f16_codebook, lora_module, raw_tensor
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -87,14 +87,21 @@ def factors(out_f: int, in_f: int, rank: int = 2, seed: int = 0, spread: float =
     return A, B
 
 
+def ones_factor(shape: tuple[int, int]) -> tuple[dict, bytes]:
+    """A factor of ones as a 1-bit codebook: its bound is 1, where a raw float16 factor's bound is
+    float16's largest value, which the reader multiplies into the module's finiteness bound."""
+    return codebook_tensor(shape, 1, 1, [1] * (shape[0] * shape[1]), f16_codebook([0.5, 1.0]), 1.0)
+
+
 def write_sld(path, modules=(), tensors=()) -> str:
-    """modules: (name, A, B, scale) stored as raw float16 factors (plain LoRA); tensors:
-    (name, values, dtype) stored raw."""
+    """modules: (name, A, B, scale) stored as raw float16 factors (plain LoRA), or as
+    :func:`ones_factor` when A or B is a shape tuple; tensors: (name, values, dtype) stored raw."""
     mods, sections, tens = [], [], []
     for name, A, B, scale in modules:
-        ta, sa = raw_tensor(A, "F16")
-        tb, sb = raw_tensor(B, "F16")
-        m = lora_module(name, out_f=B.shape[0], in_f=A.shape[1], rank=A.shape[0], scale=float(scale))
+        ta, sa = ones_factor(A) if isinstance(A, tuple) else raw_tensor(A, "F16")
+        tb, sb = ones_factor(B) if isinstance(B, tuple) else raw_tensor(B, "F16")
+        (rank, in_f), out_f = (A if isinstance(A, tuple) else A.shape), (B if isinstance(B, tuple) else B.shape)[0]
+        m = lora_module(name, out_f=out_f, in_f=in_f, rank=rank, scale=float(scale))
         m["A"], m["B"] = ta, tb
         mods.append(m)
         sections += [sa, sb]
@@ -109,8 +116,8 @@ def write_sld(path, modules=(), tensors=()) -> str:
 def renamed(path: str, modules: dict | None = None, tensors: dict | None = None) -> SldFile:
     """The file at ``path`` with entries renamed in memory (old name -> new name)."""
     f = SldFile(path)
-    f.modules = [dataclasses.replace(m, name=(modules or {}).get(m.name, m.name)) for m in f.modules]
-    f.tensors = [dataclasses.replace(t, name=(tensors or {}).get(t.name, t.name)) for t in f.tensors]
+    f.modules = [m._replace(name=(modules or {}).get(m.name, m.name)) for m in f.modules]
+    f.tensors = [t._replace(name=(tensors or {}).get(t.name, t.name)) for t in f.tensors]
     return f
 
 
@@ -420,9 +427,8 @@ OVERFLOWS = {
 
 
 def overflow_file(tmp_path, scale: float, extra_module: bool = True) -> str:
-    one_a, one_b = np.ones((1, 6), np.float16), np.ones((4, 1), np.float16)
     mods = [("lin", *factors(4, 6), 1.0)] if extra_module else []
-    mods.append(("other", one_a, one_b, scale))
+    mods.append(("other", (1, 6), (4, 1), scale))
     return write_sld(tmp_path / "big.sld", mods)
 
 

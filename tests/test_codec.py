@@ -225,7 +225,6 @@ def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
 
 
 def test_extras_are_kept_losslessly_in_their_dtype(tmp_path):
-    rng = np.random.default_rng(1)
     d = tmp_path / "a"
     base = make_adapter(d)
     tt = {k: torch.from_numpy(v) for k, v in base.items()}
