@@ -1,0 +1,231 @@
+"""The diffusers LoRA layout: what ``save_lora_weights`` and the DreamBooth LoRA scripts write
+(``pytorch_lora_weights.safetensors``).
+
+Keys are PEFT's (``<module>.lora_A.weight`` r×in, ``<module>.lora_B.weight`` out×r), each
+prefixed with the pipeline component it adapts: ``unet.``, ``transformer.``, ``text_encoder.``,
+``text_encoder_2.``, ... Newer diffusers store each component's LoRA config (its
+``LoraConfig.to_dict()``) in the safetensors metadata under ``lora_adapter_metadata``, as one
+JSON object whose keys are the config's keys prefixed the same way (``"unet.r"``,
+``"unet.lora_alpha"``, ...); rank_pattern / alpha_pattern keys are module names inside the
+component. Older files have no config: alpha then equals the rank (scale 1), as diffusers loads
+them.
+
+``layout_info`` keeps the file name and the original metadata, written back verbatim on decode
+(so ``pipe.load_lora_weights(decoded)`` reads the same config), unless the stored config no
+longer describes the modules, when that component's config is rebuilt from the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+from ..errors import AdapterError, DeltacodecWarning, preview
+from .base import INFO_VERSION, Adapter, Source, UnusableInfo, check_info, info_file_name, info_metadata
+from . import peft
+from .peft_config import AdapterSettings, gamma_for, parse_config, resolve_settings, show_name, sine_metadata
+
+__all__ = ["NAME", "EXPECTED", "COMPONENTS", "METADATA_KEY", "FILE_NAME", "component_of", "detect", "read", "write"]
+
+NAME = "diffusers"
+# diffusers' LoRA-loadable pipeline components (the `_lora_loadable_modules` of its loaders).
+COMPONENTS = (
+    "unet", "transformer", "transformer_2", "transformer_ref", "text_encoder", "text_encoder_2",
+    "text_encoder_3", "connectors", "text_conditioner",
+)
+EXPECTED = (
+    "diffusers (<component>.<module>.lora_A.weight / .lora_B.weight, <component> one of unet, transformer, "
+    "text_encoder, text_encoder_2, ...; pytorch_lora_weights.safetensors)"
+)
+METADATA_KEY = "lora_adapter_metadata"
+FILE_NAME = "pytorch_lora_weights.safetensors"
+SINE_KEY = "deltacodec"  # ω and γ, written by decode when the component configs do not say them
+
+
+def component_of(name: str) -> str | None:
+    """The pipeline component a key or module name starts with, or None."""
+    first, dot, rest = name.partition(".")
+    return first if dot and rest and first in COMPONENTS else None
+
+
+def detect(source: Source) -> float | None:
+    keys = peft.factor_keys(source)
+    prefixed = [k for k in keys if component_of(k)]
+    if not prefixed:
+        return None
+    if METADATA_KEY in source.metadata or source.file_name.startswith("pytorch_lora_weights."):
+        return 0.9
+    return 0.7 if len(prefixed) == len(keys) else 0.3
+
+
+def _component_configs(source: Source) -> dict[str, dict[str, Any]] | None:
+    """Each component's config from ``lora_adapter_metadata`` (None: the file has none)."""
+    raw = source.metadata.get(METADATA_KEY)
+    if raw is None:
+        return None
+    where = f"{source.weights} (metadata '{METADATA_KEY}')"
+    flat = parse_config(raw, where)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        comp = component_of(key)
+        if comp is None:
+            raise AdapterError(
+                f"{where}: key {show_name(key)} does not start with a pipeline component and a dot "
+                f"(expected e.g. 'unet.r'; components: {', '.join(COMPONENTS)})"
+            )
+        out.setdefault(comp, {})[key[len(comp) + 1:]] = value
+    return out
+
+
+def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = None) -> Adapter:
+    wfile = source.weights
+    configs = _component_configs(source)
+    if omega is None and SINE_KEY in source.metadata:
+        omega, g = sine_metadata(source.metadata[SINE_KEY], f"{wfile} (metadata '{SINE_KEY}')")
+        gamma = g if gamma is None else gamma
+    pairs, extras, nonlinear = peft.group_factors(source.tensors, wfile)
+    stray = sorted(k for k in source.tensors if component_of(k) is None)
+    if stray:
+        raise AdapterError(
+            f"{wfile}: tensor {show_name(stray[0])} has no pipeline-component prefix; a diffusers LoRA file "
+            f"prefixes every key with the component it adapts ({', '.join(COMPONENTS[:5])}, ...)"
+            + (f" ({len(stray)} such tensors: {preview(stray, limit=3)})" if len(stray) > 1 else "")
+        )
+    if not pairs and not nonlinear:
+        names = sorted(source.tensors)
+        raise AdapterError(f"{wfile}: no lora_A/lora_B pairs ({len(names)} tensors: {preview(names, limit=3)})")
+    peft.check_collisions(sorted(pairs), sorted(extras), wfile)
+
+    settings: dict[str, AdapterSettings] = {}
+    for comp in sorted({component_of(k) for k in source.tensors} - {None}):  # type: ignore[arg-type]
+        cfg = configs.get(comp) if configs is not None else None
+        where = f"{wfile} (metadata '{METADATA_KEY}', component '{comp}')" if cfg is not None else source.src
+        settings[comp] = resolve_settings(cfg, where, src=source.src, omega=omega, gamma=gamma, alpha=alpha)
+
+    def module_settings(mod: str) -> tuple[AdapterSettings, str]:
+        comp = component_of(mod)
+        assert comp is not None
+        return settings[comp], mod[len(comp) + 1:]
+
+    # Without a config diffusers loads alpha = rank (scale 1): see its get_peft_kwargs.
+    modules = peft.build_modules(pairs, module_settings, wfile, default_alpha=lambda mod, r: float(r))
+    notes: list[str] = []
+    for comp, st in settings.items():
+        for note in peft.peft_notes(st, [k for k in extras if component_of(k) == comp], [], source.src):
+            if note not in notes:
+                notes.append(note)
+    notes += peft.peft_notes(None, [], nonlinear, source.src)
+    for note in notes:
+        warnings.warn(note, DeltacodecWarning, stacklevel=3)
+    info = {"version": INFO_VERSION, "file_name": source.file_name if source.file_name.endswith(".safetensors") else FILE_NAME,
+            "metadata": dict(source.metadata)}
+    return Adapter(modules=modules, extras=extras, config={}, source=source.src, layout=NAME, layout_info=info)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _stored_configs(f: Any, meta: dict[str, str]) -> dict[str, dict[str, Any]] | None:
+    """The component configs of the original metadata (None: there were none, or they are not
+    a JSON map, which is warned about)."""
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        flat = json.loads(raw)
+        configs: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            comp, _, rest = key.partition(".")
+            configs.setdefault(comp, {})[rest] = value
+        if all(isinstance(c, dict) for c in configs.values()):
+            return configs
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        pass
+    warnings.warn(f"{f.path}: the stored '{METADATA_KEY}' is not a JSON map of component configs; rebuilt from the header",
+                  DeltacodecWarning, stacklevel=4)
+    return None
+
+
+def _metadata_for(f: Any, meta: dict[str, str]) -> dict[str, str]:
+    """The original metadata, with the component configs checked against the modules. When a
+    stored config no longer describes its modules (rank, scale, kind), or there is none and a
+    scale is not 1 (what diffusers assumes without one), every component's config is written,
+    the unusable ones rebuilt from the header."""
+    by_comp: dict[str, list[Any]] = {}
+    for m in f.modules:
+        by_comp.setdefault(component_of(m.name) or "", []).append(m)
+    had = METADATA_KEY in meta
+    configs = _stored_configs(f, meta)
+    final: dict[str, dict[str, Any]] = {}
+    rebuild = configs is None and had
+    for comp, mods in sorted(by_comp.items()):
+        cfg = configs.get(comp) if configs is not None else None
+        if cfg is None:
+            why = "none stored" if configs is not None else None
+            if configs is None and not had and (any(m.scale != 1.0 for m in mods) or any(m.fan_in_fan_out for m in mods)):
+                why = "none stored, and a scale is not 1"
+        else:
+            why = peft.config_problem(cfg, mods)
+        if why is not None:
+            if configs is not None:
+                warnings.warn(f"{f.path}: the stored config of component '{comp}' is not usable ({why}); "
+                              "rebuilt from the header", DeltacodecWarning, stacklevel=4)
+            rebuild = True
+        final[comp] = cfg if why is None and cfg is not None else peft.config_from_modules(mods, lambda n, c=comp: n[len(c) + 1:])
+    out = dict(meta)
+    if rebuild:
+        out[METADATA_KEY] = json.dumps({f"{c}.{k}": v for c, cfg in final.items() for k, v in cfg.items()},
+                                       indent=2, sort_keys=True)
+    return out
+
+
+def _configs_say_sine(f: Any, meta: dict[str, str]) -> bool:
+    """Whether the component configs in ``meta``, read as this layout's reader reads them, give
+    every module its ω and γ (then decode needs no ``deltacodec`` key)."""
+    try:
+        source = Source(src=f.path, weights=f.path, tensors={}, metadata=meta, config_path="")
+        configs = _component_configs(source) or {}
+        for m in f.modules:
+            comp = component_of(m.name)
+            cfg = configs.get(comp) if comp else None
+            if cfg is None:
+                return False
+            st = resolve_settings(cfg, f.path, src=f.path)
+            if not st.sine or st.omega != m.omega:
+                return False
+            if not math.isclose(gamma_for(st.gamma, m.in_features), m.gamma, rel_tol=1e-12):
+                return False
+        return True
+    except AdapterError:
+        return False
+
+
+def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, inputs: Any, progress: Any) -> list[str]:
+    """The decoded file as ``<out>/<file name>`` (or ``out`` itself when it ends in
+    .safetensors), with the original metadata."""
+    from ..outputs import atomic_file, staged_directory
+    from ..safetensors_io import write_safetensors
+
+    info = check_info(info, NAME)
+    name = info_file_name(info, FILE_NAME)
+    meta = info_metadata(info)
+    stray = [m.name for m in f.modules if component_of(m.name) is None]
+    if stray:
+        raise UnusableInfo(f"module '{stray[0]}' has no pipeline-component prefix")
+    meta = _metadata_for(f, meta)
+    meta.pop(SINE_KEY, None)
+    block = peft.sine_block(f.modules, f.path)
+    if block is not None and not _configs_say_sine(f, meta):
+        meta[SINE_KEY] = json.dumps(block, sort_keys=True)
+    if out.endswith(".safetensors"):
+        with atomic_file(out, inputs=inputs, force=force) as fh:
+            write_safetensors(fh, specs, meta, progress=progress)
+        return [out]
+    with staged_directory(out, inputs=inputs, force=force) as stage:
+        with stage.open(name) as fh:
+            write_safetensors(fh, specs, meta, progress=progress)
+    return [os.path.join(out, name)]
