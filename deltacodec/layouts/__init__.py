@@ -47,11 +47,11 @@ def choose(source: Source, layout: str | None = None) -> Any:
             raise AdapterError(f"{source.src}: layout must be one of {', '.join(LAYOUTS)}, got {show_name(layout)}")
         return LAYOUTS[layout]
     kohya_keys = kohya.owned_keys(source)
-    peft_keys = peft.factor_keys(source)
+    peft_keys = sorted(set(peft.factor_keys(source)) | set(diffusers.factor_keys(source)))
     if kohya_keys and peft_keys:
         raise AdapterError(
             f"{source.weights}: mixes LoRA layouts: {show_name(sorted(kohya_keys)[0])} is a kohya-ss key, "
-            f"{show_name(sorted(peft_keys)[0])} a PEFT/diffusers one; a file holds one adapter in one layout"
+            f"{show_name(peft_keys[0])} a PEFT/diffusers one; a file holds one adapter in one layout"
         )
     scores = {name: mod.detect(source) for name, mod in LAYOUTS.items()}
     found = {name: s for name, s in scores.items() if s is not None}
@@ -59,8 +59,8 @@ def choose(source: Source, layout: str | None = None) -> Any:
         raise _unrecognised(source)
     best = max(found, key=lambda n: (found[n], -list(LAYOUTS).index(n)))
     if best == "peft" and found.get("diffusers") is not None and not peft.has_config(source):
-        prefixed = sorted(k for k in peft_keys if diffusers.component_of(k))
-        bare = sorted(k for k in peft_keys if not diffusers.component_of(k))
+        prefixed = [k for k in peft_keys if diffusers.component_of(k)]
+        bare = [k for k in peft_keys if not diffusers.component_of(k)]
         raise AdapterError(
             f"{source.weights}: mixes LoRA layouts: {show_name(prefixed[0])} is a diffusers key (prefixed with a "
             f"pipeline component), {show_name(bare[0])} is not; a file holds one adapter in one layout "

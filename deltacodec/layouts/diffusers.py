@@ -1,9 +1,13 @@
 """The diffusers LoRA layout: what ``save_lora_weights`` and the DreamBooth LoRA scripts write
 (``pytorch_lora_weights.safetensors``).
 
-Keys are PEFT's (``<module>.lora_A.weight`` r×in, ``<module>.lora_B.weight`` out×r), each
-prefixed with the pipeline component it adapts: ``unet.``, ``transformer.``, ``text_encoder.``,
-``text_encoder_2.``, ... Newer diffusers store each component's LoRA config (its
+Keys name a module's factors, prefixed with the pipeline component it adapts (``unet.``,
+``transformer.``, ``text_encoder.``, ``text_encoder_2.``, ...), in one of three styles: PEFT's
+``<module>.lora_A.weight`` (r×in) / ``.lora_B.weight`` (out×r), which the SD3/Flux scripts and
+``save_lora_adapter`` write; and diffusers' own, which ``convert_state_dict_to_diffusers`` makes
+of them in the SD 1.x/SDXL scripts: ``<module>.lora.down.weight`` / ``.lora.up.weight`` (UNet)
+and ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` (text encoders). The style is
+kept per component in ``layout_info`` and written back. Newer diffusers store each component's LoRA config (its
 ``LoraConfig.to_dict()``) in the safetensors metadata under ``lora_adapter_metadata``, as one
 JSON object whose keys are the config's keys prefixed the same way (``"unet.r"``,
 ``"unet.lora_alpha"``, ...); rank_pattern / alpha_pattern keys are module names inside the
@@ -20,10 +24,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
+from collections import Counter
 from typing import Any
 
-from ..errors import AdapterError, DeltacodecWarning, preview
+from ..errors import AdapterError, DecodeError, DeltacodecWarning, preview
 from .base import INFO_VERSION, Adapter, Source, UnusableInfo, check_info, info_file_name, info_metadata
 from . import peft
 from .peft_config import AdapterSettings, gamma_for, parse_config, resolve_settings, show_name, sine_metadata
@@ -43,6 +49,35 @@ EXPECTED = (
 METADATA_KEY = "lora_adapter_metadata"
 FILE_NAME = "pytorch_lora_weights.safetensors"
 SINE_KEY = "deltacodec"  # ω and γ, written by decode when the component configs do not say them
+# factor-name style -> (A suffix, B suffix)
+STYLES = {
+    "peft": ("lora_A.weight", "lora_B.weight"),
+    "lora": ("lora.down.weight", "lora.up.weight"),
+    "lora_linear_layer": ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"),
+}
+FACTOR_KEY = re.compile(
+    r"^(?:(?P<mod>.+)\.)?(?:lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"|(?P<style>lora|lora_linear_layer)\.(?P<du>down|up)\.weight)$"
+)
+
+
+def match_factor(key: str) -> tuple[str | None, str, str | None] | None:
+    """(module, "A"/"B", adapter name) of a factor key in any of the three styles, or None."""
+    m = FACTOR_KEY.match(key)
+    if m is None:
+        return None
+    return m["mod"], m["ab"] or ("A" if m["du"] == "down" else "B"), m["adapter"]
+
+
+def style_of(key: str) -> str:
+    m = FACTOR_KEY.match(key)
+    assert m is not None
+    return m["style"] or "peft"
+
+
+def factor_keys(source: Source) -> list[str]:
+    """Keys named like factors in any of the three styles."""
+    return [k for k in source.tensors if FACTOR_KEY.match(k)]
 
 
 def component_of(name: str) -> str | None:
@@ -52,7 +87,7 @@ def component_of(name: str) -> str | None:
 
 
 def detect(source: Source) -> float | None:
-    keys = peft.factor_keys(source)
+    keys = factor_keys(source)
     prefixed = [k for k in keys if component_of(k)]
     if not prefixed:
         return None
@@ -86,7 +121,7 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
     if omega is None and SINE_KEY in source.metadata:
         omega, g = sine_metadata(source.metadata[SINE_KEY], f"{wfile} (metadata '{SINE_KEY}')")
         gamma = g if gamma is None else gamma
-    pairs, extras, nonlinear = peft.group_factors(source.tensors, wfile)
+    pairs, extras, nonlinear = peft.group_factors(source.tensors, wfile, match_factor)
     stray = sorted(k for k in source.tensors if component_of(k) is None)
     if stray:
         raise AdapterError(
@@ -119,10 +154,37 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
                 notes.append(note)
     notes += peft.peft_notes(None, [], nonlinear, source.src)
     for note in notes:
-        warnings.warn(note, DeltacodecWarning, stacklevel=3)
+        warnings.warn(note, DeltacodecWarning, stacklevel=4)  # the caller of read_adapter
     info = {"version": INFO_VERSION, "file_name": source.file_name if source.file_name.endswith(".safetensors") else FILE_NAME,
             "metadata": dict(source.metadata)}
+    info.update(_styles({mod: style_of(pair["A" if "A" in pair else "B"][0]) for mod, pair in pairs.items()}))
     return Adapter(modules=modules, extras=extras, config={}, source=source.src, layout=NAME, layout_info=info)
+
+
+def _styles(by_module: dict[str, str]) -> dict[str, Any]:
+    """layout_info's ``key_style`` (component -> its modules' usual style) and ``key_style_other``
+    (module -> style, for the modules that differ), PEFT's style left out."""
+    by_comp: dict[str, Counter[str]] = {}
+    for mod, st in by_module.items():
+        by_comp.setdefault(component_of(mod) or "", Counter())[st] += 1
+    usual = {c: n.most_common(1)[0][0] for c, n in by_comp.items()}
+    other = {mod: st for mod, st in by_module.items() if st != usual[component_of(mod) or ""]}
+    out: dict[str, Any] = {"key_style": {c: st for c, st in sorted(usual.items()) if st != "peft"}}
+    if other:
+        out["key_style_other"] = dict(sorted(other.items()))
+    return out
+
+
+def _style_for(info: dict[str, Any], module: str) -> tuple[str, str]:
+    """The (A, B) key suffixes of ``module`` as the original file named them."""
+    other = info.get("key_style_other", {})
+    usual = info.get("key_style", {})
+    if not isinstance(other, dict) or not isinstance(usual, dict):
+        raise UnusableInfo("'key_style' is not a map")
+    st = other.get(module, usual.get(component_of(module) or "", "peft"))
+    if st not in STYLES:
+        raise UnusableInfo(f"key style {st!r:.40} of '{module}' is not one of {', '.join(STYLES)}")
+    return STYLES[st]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +278,16 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
     stray = [m.name for m in f.modules if component_of(m.name) is None]
     if stray:
         raise UnusableInfo(f"module '{stray[0]}' has no pipeline-component prefix")
+    renamed: dict[str, Any] = {}
+    factor_of = {}
+    for m in f.modules:
+        a, b = _style_for(info, m.name)
+        factor_of[m.A.name], factor_of[m.B.name] = f"{m.name}.{a}", f"{m.name}.{b}"
+    for key, spec in specs.items():
+        new = factor_of.get(key, key)
+        if new in renamed:
+            raise DecodeError(f"{f.path}: two tensors would be written as '{new}'")
+        renamed[new] = spec
     meta = _metadata_for(f, meta)
     meta.pop(SINE_KEY, None)
     block = peft.sine_block(f.modules, f.path)
@@ -223,9 +295,9 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
         meta[SINE_KEY] = json.dumps(block, sort_keys=True)
     if out.endswith(".safetensors"):
         with atomic_file(out, inputs=inputs, force=force) as fh:
-            write_safetensors(fh, specs, meta, progress=progress)
+            write_safetensors(fh, renamed, meta, progress=progress)
         return [out]
     with staged_directory(out, inputs=inputs, force=force) as stage:
         with stage.open(name) as fh:
-            write_safetensors(fh, specs, meta, progress=progress)
+            write_safetensors(fh, renamed, meta, progress=progress)
     return [os.path.join(out, name)]

@@ -131,7 +131,7 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
     extras: dict[str, tuple[np.ndarray, str]] = {}
     lossless_conv: list[str] = []
     dora: list[str] = []
-    alpha_forms: dict[str, tuple[str, list[int]]] = {}
+    alpha_forms: dict[str, tuple[str, tuple[int, ...]]] = {}
     for stem, parts in groups.items():
         kd, ku, ka = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("alpha")
         if kd is None or ku is None:
@@ -154,7 +154,7 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
             av, adt = source.tensors[ka]
             if av.size != 1 or av.ndim > 1:
                 raise AdapterError(f"{wfile}: tensor '{ka}' is {list(av.shape)}; an alpha is a scalar (shape [] or [1])")
-            alpha_forms[stem] = (adt, list(av.shape))
+            alpha_forms[stem] = (adt, tuple(av.shape))
             a = alpha_given if alpha_given is not None else float(av.reshape(-1)[0])
         scale = a / r
         if not f32_finite(scale):
@@ -191,16 +191,16 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
             "it, but apply will refuse it (DoRA is not supported by apply)"
         )
     for note in notes:
-        warnings.warn(note, DeltacodecWarning, stacklevel=3)
+        warnings.warn(note, DeltacodecWarning, stacklevel=4)  # the caller of read_adapter
     common = Counter(alpha_forms.values()).most_common(1)
-    dtype, shape = common[0][0] if common else ("F32", [])
+    dtype, shape = common[0][0] if common else ("F32", ())
     info = {
         "version": INFO_VERSION,
         "file_name": source.file_name if source.file_name.endswith(".safetensors") else "lora.safetensors",
         "metadata": dict(source.metadata),
         "alpha_dtype": dtype,
-        "alpha_shape": shape,
-        "alpha_other": {s: {"dtype": d, "shape": sh} for s, (d, sh) in alpha_forms.items() if (d, sh) != (dtype, shape)},
+        "alpha_shape": list(shape),
+        "alpha_other": {s: {"dtype": d, "shape": list(sh)} for s, (d, sh) in alpha_forms.items() if (d, sh) != (dtype, shape)},
     }
     return Adapter(modules=modules, extras=extras, config={}, source=source.src, layout=NAME, layout_info=info)
 

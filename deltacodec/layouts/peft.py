@@ -97,11 +97,18 @@ def detect(source: Source) -> float | None:
 # Reading
 
 
+def match_factor(key: str) -> tuple[str | None, str, str | None] | None:
+    """(module, "A" or "B", adapter name) of a PEFT factor key, or None."""
+    m = FACTOR_KEY.match(key)
+    return None if m is None else (m["mod"], m["ab"], m["adapter"])
+
+
 def group_factors(
-    tensors: dict[str, tuple[np.ndarray, str]], path: str
+    tensors: dict[str, tuple[np.ndarray, str]], path: str, match: Callable[[str], Any] = match_factor
 ) -> tuple[Pairs, dict[str, tuple[np.ndarray, str]], list[str]]:
     """(module -> {"A"/"B": (key, values)} for 2-D factor pairs, extras, non-linear factor keys).
 
+    ``match(key)`` names a factor key's (module, "A"/"B", adapter name), None for other keys.
     A module whose factor-named tensors are all not 2-D (conv LoRA) is kept losslessly with
     the extras; one that mixes 2-D and other factors is an error, as is a factor without a
     module name and a file holding factors of more than one adapter.
@@ -109,15 +116,19 @@ def group_factors(
     groups: dict[str, dict[str, tuple[str, np.ndarray, str]]] = {}
     keys_by_tag: dict[str, dict[str | None, list[str]]] = {}  # module -> adapter name -> keys
     extras: dict[str, tuple[np.ndarray, str]] = {}
+    twice: list[tuple[str, str, str, str]] = []  # two keys naming one factor (diffusers' styles)
     for key, (arr, dt) in tensors.items():
-        m = FACTOR_KEY.match(key)
+        m = match(key)
         if m is None:
             extras[key] = (arr, dt)
             continue
-        if m["mod"] is None:
+        mod, ab, tag = m
+        if mod is None:
             raise AdapterError(f"{path}: tensor {show_name(key)} is named like a LoRA factor but names no module")
-        keys_by_tag.setdefault(m["mod"], {}).setdefault(m["adapter"], []).append(key)
-        groups.setdefault(m["mod"], {})[m["ab"]] = (key, arr, dt)
+        keys_by_tag.setdefault(mod, {}).setdefault(tag, []).append(key)
+        if ab in groups.get(mod, {}):
+            twice.append((groups[mod][ab][0], key, ab, mod))
+        groups.setdefault(mod, {})[ab] = (key, arr, dt)
     tags = {tag for by_tag in keys_by_tag.values() for tag in by_tag}
     if len(tags) > 1:
         both = next((by for by in keys_by_tag.values() if len(by) > 1), None)
@@ -131,6 +142,9 @@ def group_factors(
             "an .sld holds one adapter: save each on its own with "
             "PeftModel.save_pretrained(dir, selected_adapters=[name])"
         )
+    if twice:
+        k1, k2, ab, mod = twice[0]
+        raise AdapterError(f"{path}: tensors {show_name(k1)} and {show_name(k2)} are both the {ab} factor of module '{mod}'")
     pairs: Pairs = {}
     nonlinear: list[str] = []
     for mod, group in groups.items():
@@ -278,7 +292,7 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
         "from: pass --alpha (scale = alpha / r)",
     )
     for note in peft_notes(st, sorted(extras), nonlinear, source.src):
-        warnings.warn(note, DeltacodecWarning, stacklevel=3)
+        warnings.warn(note, DeltacodecWarning, stacklevel=4)  # the caller of read_adapter
     return Adapter(modules=modules, extras=extras, config=st.config, source=source.src, layout=NAME)
 
 
@@ -470,7 +484,7 @@ def decoded_config(f: Any) -> dict[str, Any]:
             warnings.warn(
                 f"{f.path}: the stored adapter_config is not usable ({why}); writing one rebuilt from the header",
                 DeltacodecWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
         cfg = {"peft_type": "LORA"}
         base = f.metadata.get("base_model")
@@ -485,7 +499,7 @@ def decoded_config(f: Any) -> dict[str, Any]:
             f"{f.path}: modules differ in fan_in_fan_out; a PEFT config holds one value, the decoded "
             f"config says {cfg.get('fan_in_fan_out', False)}",
             DeltacodecWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
     block = sine_block(f.modules, f.path)
     if block is not None:
