@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import AdapterError, DecodeError, DeltacodecWarning, preview
 from .base import INFO_VERSION, Adapter, Source, UnusableInfo, check_info, info_file_name, info_metadata
 from . import peft
+from .tensors import check_storable
 from .peft_config import AdapterSettings, gamma_for, parse_config, resolve_settings, show_name, sine_metadata
 
 __all__ = ["NAME", "EXPECTED", "COMPONENTS", "METADATA_KEY", "FILE_NAME", "component_of", "detect", "read", "write"]
@@ -132,6 +133,8 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
     if not pairs and not nonlinear:
         names = sorted(source.tensors)
         raise AdapterError(f"{wfile}: no lora_A/lora_B pairs ({len(names)} tensors: {preview(names, limit=3)})")
+    for key, (arr, _) in extras.items():
+        check_storable(key, arr, wfile)
     peft.check_collisions(sorted(pairs), sorted(extras), wfile)
 
     settings: dict[str, AdapterSettings] = {}
@@ -212,6 +215,30 @@ def _stored_configs(f: Any, meta: dict[str, str]) -> dict[str, dict[str, Any]] |
     return None
 
 
+def _config_problem(cfg: Any, comp: str, mods: list[Any], path: str) -> str | None:
+    """Why the component config ``cfg``, read as :func:`read` reads it, would not give ``mods``
+    their rank, scale, kind or layout (None: it does). Patterns included."""
+    if not isinstance(cfg, dict):
+        return "not a map"
+    try:
+        st = resolve_settings(cfg, path, src=path)
+    except AdapterError as exc:
+        return str(exc)
+    for m in mods:
+        short = m.name[len(comp) + 1:]
+        r = st.rank_for(short)
+        if r is not None and r != m.rank:
+            return f"it says rank {r} for '{m.name}', the file has {m.rank}"
+        a = st.alpha_for(short)
+        a = float(m.rank) if a is None else a
+        want = a / (math.sqrt(m.rank) if st.use_rslora else m.rank)
+        if not math.isclose(want, m.scale, rel_tol=1e-9):
+            return f"it gives '{m.name}' scale {want:g}, the file says {m.scale:g}"
+        if st.sine != m.sine or st.fan_in_fan_out != m.fan_in_fan_out:
+            return f"it describes '{m.name}' as {'sine' if st.sine else 'plain'} LoRA with fan_in_fan_out {st.fan_in_fan_out}"
+    return None
+
+
 def _metadata_for(f: Any, meta: dict[str, str]) -> dict[str, str]:
     """The original metadata, with the component configs checked against the modules. When a
     stored config no longer describes its modules (rank, scale, kind), or there is none and a
@@ -231,7 +258,7 @@ def _metadata_for(f: Any, meta: dict[str, str]) -> dict[str, str]:
             if configs is None and not had and (any(m.scale != 1.0 for m in mods) or any(m.fan_in_fan_out for m in mods)):
                 why = "none stored, and a scale is not 1"
         else:
-            why = peft.config_problem(cfg, mods)
+            why = _config_problem(cfg, comp, mods, f.path)
         if why is not None:
             if configs is not None:
                 warnings.warn(f"{f.path}: the stored config of component '{comp}' is not usable ({why}); "

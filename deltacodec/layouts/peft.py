@@ -161,8 +161,6 @@ def group_factors(
                 f"{path}: module '{mod}': {desc}; the factors of a linear layer are both 2-D (r×in, out×r)"
             )
     nonlinear += [k for k in extras if EMBEDDING_FACTOR.search(k)]
-    for key, (arr, _) in extras.items():
-        check_storable(key, arr, path)
     return pairs, extras, nonlinear
 
 
@@ -243,7 +241,7 @@ def build_modules(
         r_cfg = st.rank_for(short)
         if r_cfg is not None and r_cfg != r:
             raise AdapterError(
-                f"{wfile}: module '{mod}': the config says rank {r_cfg}, the tensors have rank {r}"
+                f"{wfile}: module '{mod}': the config says rank {r_cfg}, the tensors have rank {r} (config: {st.where})"
             )
         a = st.alpha_for(short)
         if a is None:
@@ -285,6 +283,8 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
             f"{wfile}: no lora_A/lora_B pairs ({len(names)} tensor{'s' if len(names) != 1 else ''}: "
             f"{preview(names, limit=3)})"
         )
+    for key, (arr, _) in extras.items():
+        check_storable(key, arr, wfile)
     check_collisions(sorted(pairs), sorted(extras), wfile)
     modules = build_modules(
         pairs, lambda mod: (st, canonical(mod)), wfile,
