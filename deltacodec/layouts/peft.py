@@ -472,15 +472,17 @@ def sine_block(modules: list[Any], path: str) -> dict[str, Any] | None:
 def decoded_config(f: Any) -> dict[str, Any]:
     """adapter_config.json for a decoded file: the stored config plus ω and γ of sine modules.
 
-    The stored config is metadata, which a reader must not need: when it is missing the config
-    is rebuilt from the header; when it is unusable (not a map, not JSON-clean, or disagreeing
+    The stored config is metadata, which a reader must not need: when it is missing (or empty,
+    as for files read from other layouts) the config is rebuilt from the header; when it is unusable (not a map, not JSON-clean, or disagreeing
     with the modules' rank, scale, kind or layout) it is rebuilt too, with a DeltacodecWarning.
     """
     stored = f.metadata.get("adapter_config")
     cfg = _plain_config(stored)
-    why = "it is not a JSON map" if cfg is None else config_problem(cfg, f.modules)
+    why = "it is not a JSON map" if cfg is None else ("empty" if not cfg else config_problem(cfg, f.modules))
     if why is not None:
-        if stored is not None:
+        # An empty map is what a file from another layout (diffusers, kohya) stores: no config
+        # of its own to keep, so nothing to warn about.
+        if stored is not None and stored != {}:
             warnings.warn(
                 f"{f.path}: the stored adapter_config is not usable ({why}); writing one rebuilt from the header",
                 DeltacodecWarning,
