@@ -69,10 +69,10 @@ def sd3_pipeline(seed: int = 0):
     _quiet()
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4,
-                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=8,
-                                        pooled_projection_dim=16, out_channels=4)
+                                        num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=8,
+                                        pooled_projection_dim=24, out_channels=4)
     te1 = CLIPTextModelWithProjection(clip_config(8))
-    te2 = CLIPTextModelWithProjection(clip_config(8 * 1 + 8))
+    te2 = CLIPTextModelWithProjection(clip_config(16))
     vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
