@@ -241,7 +241,7 @@ def build_modules(
         r_cfg = st.rank_for(short)
         if r_cfg is not None and r_cfg != r:
             raise AdapterError(
-                f"{wfile}: module '{mod}': the config says rank {r_cfg}, the tensors have rank {r} (config: {st.where})"
+                f"{wfile}: module '{mod}': the config says rank {r_cfg}, the tensors have rank {r}"
             )
         a = st.alpha_for(short)
         if a is None:
