@@ -117,7 +117,9 @@ def encode(
 ) -> str:
     """Encode an adapter into an ``.sld`` file and return its path.
 
-    ``src``: a PEFT adapter directory, a ``.safetensors``/``.bin`` file, or an :class:`Adapter`.
+    ``src``: an adapter directory, a ``.safetensors``/``.bin`` file (PEFT, diffusers or kohya-ss
+    layout, detected; ``layout`` overrides), or an :class:`Adapter`. A non-PEFT layout is
+    recorded in the metadata (``layout``, ``layout_info``) so that decode writes it back.
     ``bits``: 1..8 (a ``2**bits``-entry codebook per tensor) or 16 (float16 pass-through).
     ``omega``/``gamma``/``alpha`` override the adapter's config (``gamma`` a number or
     ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to store packed indices without the
@@ -293,11 +295,16 @@ def decode(
     max_decoded_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Write the dequantized adapter back in PEFT layout; returns the paths written.
+    """Write the dequantized adapter back in the layout it was encoded from; returns the paths
+    written.
 
-    ``out`` ending in ``.safetensors`` gives one file (config in its metadata); otherwise a
-    directory with ``adapter_model.safetensors`` and ``adapter_config.json`` (default:
-    ``<file>-decoded/`` beside the input), which appears whole or not at all. ``dtype`` (fp32,
+    PEFT (and any file whose ``layout`` metadata is missing or unusable, with a warning for the
+    latter: metadata is informational): ``out`` ending in ``.safetensors`` gives one file
+    (config in its metadata); otherwise a directory with ``adapter_model.safetensors`` and
+    ``adapter_config.json`` (default: ``<file>-decoded/`` beside the input), which appears whole
+    or not at all. diffusers and kohya-ss: the original file name (``pytorch_lora_weights.safetensors``,
+    ...) inside ``out``, or ``out`` itself when it ends in ``.safetensors``, with the original
+    keys and safetensors metadata (see :mod:`deltacodec.layouts`). ``dtype`` (fp32,
     fp16, bf16) applies to lora_A/B, rounded to nearest even; a value the rounding would turn
     into inf is a :class:`DecodeError` naming the tensor. Losslessly stored tensors keep their
     stored dtype. Tensors are decoded and written one at a time: peak memory is about one

@@ -81,9 +81,7 @@ def _names_kind(f: SldFile) -> str | None:
         return None
     if all(dl.component_of(n) for n in names):
         return "diffusers"
-    if all(kl.KEY.fullmatch(n) or kl.KEY.fullmatch(n + ".x") for n in names) and all(
-        kl.component_of(_kohya_stem(n)) for n in names
-    ):
+    if all(kl.STEM.fullmatch(_kohya_stem(n)) and kl.component_of(_kohya_stem(n)) for n in names):
         return "kohya"
     return None
 

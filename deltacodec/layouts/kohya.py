@@ -38,7 +38,7 @@ from .checks import f32_finite, make_module
 from .peft import sine_block
 from .peft_config import gamma_for, resolve_settings, show_name, sine_metadata
 
-__all__ = ["NAME", "EXPECTED", "PREFIXES", "KEY", "owned_keys", "detect", "read", "write", "component_of", "container_records_kernels"]
+__all__ = ["NAME", "EXPECTED", "PREFIXES", "KEY", "STEM", "owned_keys", "detect", "read", "write", "component_of", "container_records_kernels"]
 
 NAME = "kohya"
 # Prefix -> the pipeline component it adapts (kohya's lora_unet_ is Flux's transformer too:
@@ -54,7 +54,8 @@ EXPECTED = (
 SINE_KEY = "deltacodec"
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 # LyCORIS and other non-LoRA kohya-style parts: claimed (so the file is recognised) and refused.
-_OTHER = re.compile(r"(?:hada_|lokr_|lora_mid|diff|ia3|on_input|bias_|w_norm|b_norm|scale$)")
+_OTHER = re.compile(r"(?:hada_|lokr_|lora_mid|diff|ia3|on_input|bias_|w_norm|b_norm)")
+STEM = re.compile(r"lora_[A-Za-z0-9]+_[A-Za-z0-9_]+")
 KEY = re.compile(r"(?P<stem>lora_[A-Za-z0-9]+_[A-Za-z0-9_]+)\.(?P<part>[A-Za-z0-9_.]+)")
 _PREFIX = re.compile(r"(lora_(?:unet|transformer|te[123]?))_.")
 
@@ -244,7 +245,7 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
     info = check_info(info, NAME)
     name = info_file_name(info, "lora.safetensors")
     meta = info_metadata(info)
-    bad = [m.name for m in f.modules if not (re.fullmatch(r"lora_[A-Za-z0-9]+_[A-Za-z0-9_]+", m.name) and component_of(m.name))]
+    bad = [m.name for m in f.modules if not (STEM.fullmatch(m.name) and component_of(m.name))]
     if bad:
         raise UnusableInfo(f"module '{bad[0]}' is not a kohya-ss stem")
     entries: dict[str, Any] = {}

@@ -56,6 +56,13 @@ __all__ = [
     "check_collisions",
     "peft_notes",
     "has_config",
+    "canonical",
+    "config_problem",
+    "config_from_modules",
+    "sine_block",
+    "tensor_specs",
+    "match_factor",
+    "GAMMA_SQRT_IN",
 ]
 
 NAME = "peft"
@@ -508,5 +515,3 @@ def decoded_config(f: Any) -> dict[str, Any]:
         cfg["deltacodec"] = block
     return cfg
 
-
-__all__ += ["GAMMA_SQRT_IN", "canonical", "config_problem", "config_from_modules", "sine_block", "tensor_specs"]
