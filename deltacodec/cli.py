@@ -174,7 +174,9 @@ def error_message(exc: BaseException) -> str:
     elif isinstance(exc, RecursionError):
         text = f"input nested too deeply to process ({exc})"
     elif isinstance(exc, ModuleNotFoundError) and exc.name:
-        text = f"{exc}: an optional dependency is missing (see the README for the extra that provides it)"
+        from .extras import install_hint
+
+        text = f"{exc}: an optional dependency is missing ({install_hint(exc.name) or 'see the README for the extra that provides it'})"
     else:
         text = str(exc) or type(exc).__name__
     return one_line(text) or type(exc).__name__

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import warnings
-from collections import Counter
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from . import __version__ as _version
-from .adapter import GAMMA_SQRT_IN, Adapter, read_adapter, write_adapter
+from .adapter import Adapter, read_adapter
 from .entropy import DEFAULT_LEVEL, MAX_LEVEL, compress
-from .errors import DecodeError, DeltacodecWarning, EncodeError
+from .errors import DecodeError, EncodeError
 from .format import SldFile, TensorEntry, build_container
+from .layouts import write_decoded
+from .layouts.peft import decoded_config
 from .outputs import check_output, write_bytes
 from .pack import default_width, pack_indices, packed_nbytes
 from .quantize import QUANTIZERS, quantize
@@ -115,10 +113,13 @@ def encode(
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
     force: bool = False,
+    layout: str | None = None,
 ) -> str:
     """Encode an adapter into an ``.sld`` file and return its path.
 
-    ``src``: a PEFT adapter directory, a ``.safetensors``/``.bin`` file, or an :class:`Adapter`.
+    ``src``: an adapter directory, a ``.safetensors``/``.bin`` file (PEFT, diffusers or kohya-ss
+    layout, detected; ``layout`` overrides), or an :class:`Adapter`. A non-PEFT layout is
+    recorded in the metadata (``layout``, ``layout_info``) so that decode writes it back.
     ``bits``: 1..8 (a ``2**bits``-entry codebook per tensor) or 16 (float16 pass-through).
     ``omega``/``gamma``/``alpha`` override the adapter's config (``gamma`` a number or
     ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to store packed indices without the
@@ -143,7 +144,7 @@ def encode(
     inputs = _encode_inputs(src)
     check_output(out, inputs, force=force, kind="file")  # before the slow part
     if not isinstance(src, Adapter):
-        adapter = read_adapter(src, omega=omega, gamma=gamma, alpha=alpha)
+        adapter = read_adapter(src, omega=omega, gamma=gamma, alpha=alpha, layout=layout)
 
     modules = []
     total = len(adapter.modules)
@@ -181,6 +182,9 @@ def encode(
         "base_model": config.get("base_model_name_or_path"),
         "adapter_config": config,
     }
+    if adapter.layout != "peft":  # absent means PEFT (spec 3.3): PEFT files stay as they were
+        metadata["layout"] = adapter.layout
+        metadata["layout_info"] = _jsonable(adapter.layout_info)
     write_bytes(out, build_container(metadata, modules, tensors, name=out), inputs=inputs, force=force)
     return out
 
@@ -282,122 +286,6 @@ def _chunks(f: SldFile, e: TensorEntry) -> Iterable[np.ndarray]:
     return f.iter_chunks(e)
 
 
-def _plain_config(value: Any) -> dict[str, Any] | None:
-    """A JSON-clean copy of a stored config map, or None when it is not one (not a map, bytes,
-    non-finite numbers, nesting too deep for JSON)."""
-    if not isinstance(value, dict):
-        return None
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError, RecursionError):
-        return None
-
-
-def _short(name: str) -> str:
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-
-
-def _config_problem(cfg: dict[str, Any], f: SldFile) -> str | None:
-    """Why ``cfg`` would not rebuild the file's modules (rank, scale, sine, layout), or None.
-
-    With rank_pattern/alpha_pattern the per-module scale is PEFT's business and is not rechecked.
-    """
-    sine_cfg = (
-        str(cfg.get("peft_type", "LORA")).upper() == "SINLORA"
-        or cfg.get("use_sinelora") is True
-        or (isinstance(cfg.get("deltacodec"), dict) and cfg["deltacodec"].get("omega") is not None)
-    )
-    if f.modules and sine_cfg != any(m.sine for m in f.modules):
-        return f"it describes a {'sine' if sine_cfg else 'plain LoRA'} adapter, the file holds the other kind"
-    for key, types in (("r", int), ("lora_alpha", (int, float)), ("use_rslora", bool), ("fan_in_fan_out", bool)):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)):
-            return f"'{key}' is {v!r}"
-    fifo = bool(cfg.get("fan_in_fan_out", False))
-    for m in f.modules:
-        if m.fan_in_fan_out != fifo:
-            return f"fan_in_fan_out is {fifo}, module '{m.name}' has {m.fan_in_fan_out}"
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        return None
-    r, alpha, rs = cfg.get("r"), cfg.get("lora_alpha"), bool(cfg.get("use_rslora", False))
-    for m in f.modules:
-        if r is not None and r != m.rank:
-            return f"r is {r}, module '{m.name}' has rank {m.rank}"
-        a = float(alpha) if alpha is not None else float(m.rank)
-        want = a / (math.sqrt(m.rank) if rs else m.rank)
-        if not math.isclose(want, m.scale, rel_tol=1e-9):
-            return f"it gives module '{m.name}' scale {want:g}, the file says {m.scale:g}"
-    return None
-
-
-def _config_from_header(f: SldFile) -> dict[str, Any]:
-    """A PEFT LoRA config that rebuilds every module's rank and scale from the header alone:
-    the most common rank and lora_alpha (= scale·rank), rank_pattern/alpha_pattern for the rest."""
-    cfg: dict[str, Any] = {"peft_type": "LORA"}
-    base = f.metadata.get("base_model")
-    if isinstance(base, str):
-        cfg["base_model_name_or_path"] = base
-    if not f.modules:
-        return cfg
-    r = Counter(m.rank for m in f.modules).most_common(1)[0][0]
-    alphas = {m.name: m.scale * m.rank for m in f.modules}
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    cfg.update(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=False,
-        fan_in_fan_out=all(m.fan_in_fan_out for m in f.modules),
-        target_modules=sorted({m.name.rsplit(".", 1)[-1] for m in f.modules}),
-        rank_pattern={_short(m.name): m.rank for m in f.modules if m.rank != r},
-        alpha_pattern={_short(m.name): alphas[m.name] for m in f.modules if alphas[m.name] != alpha},
-    )
-    return cfg
-
-
-def decoded_config(f: SldFile) -> dict[str, Any]:
-    """adapter_config.json for a decoded file: the stored config plus ω and γ of sine modules.
-
-    The stored config is metadata, which a reader must not need: when it is missing the config
-    is rebuilt from the header; when it is unusable (not a map, not JSON-clean, or disagreeing
-    with the modules' rank, scale, kind or layout) it is rebuilt too, with a DeltacodecWarning.
-    """
-    stored = f.metadata.get("adapter_config")
-    cfg = _plain_config(stored)
-    why = "it is not a JSON map" if cfg is None else _config_problem(cfg, f)
-    if why is not None:
-        if stored is not None:
-            warnings.warn(
-                f"{f.path}: the stored adapter_config is not usable ({why}); writing one rebuilt from the header",
-                DeltacodecWarning,
-                stacklevel=3,
-            )
-        cfg = _config_from_header(f)
-    assert cfg is not None
-    cfg.pop("deltacodec", None)
-    mixed = sorted({m.fan_in_fan_out for m in f.modules})
-    if len(mixed) > 1:
-        warnings.warn(
-            f"{f.path}: modules differ in fan_in_fan_out; a PEFT config holds one value, the decoded "
-            f"config says {cfg.get('fan_in_fan_out', False)}",
-            DeltacodecWarning,
-            stacklevel=3,
-        )
-    sine = [m for m in f.modules if m.sine]
-    if sine:
-        omegas = {m.omega for m in sine}
-        if len(omegas) != 1:
-            raise DecodeError(f"{f.path}: modules use different ω {sorted(omegas)}; a PEFT config holds one")
-        if all(math.isclose(m.gamma, math.sqrt(m.in_features), rel_tol=1e-12) for m in sine):
-            gamma: Any = GAMMA_SQRT_IN
-        else:
-            gammas = {m.gamma for m in sine}
-            if len(gammas) != 1:
-                raise DecodeError(f"{f.path}: modules use different γ {sorted(gammas)}; a PEFT config holds one")
-            gamma = gammas.pop()
-        cfg["deltacodec"] = {"omega": omegas.pop(), "gamma": gamma}
-    return cfg
-
-
 def decode(
     path: str | os.PathLike[str] | SldFile,
     out: str | os.PathLike[str] | None = None,
@@ -407,11 +295,16 @@ def decode(
     max_decoded_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Write the dequantized adapter back in PEFT layout; returns the paths written.
+    """Write the dequantized adapter back in the layout it was encoded from; returns the paths
+    written.
 
-    ``out`` ending in ``.safetensors`` gives one file (config in its metadata); otherwise a
-    directory with ``adapter_model.safetensors`` and ``adapter_config.json`` (default:
-    ``<file>-decoded/`` beside the input), which appears whole or not at all. ``dtype`` (fp32,
+    PEFT (and any file whose ``layout`` metadata is missing or unusable, with a warning for the
+    latter: metadata is informational): ``out`` ending in ``.safetensors`` gives one file
+    (config in its metadata); otherwise a directory with ``adapter_model.safetensors`` and
+    ``adapter_config.json`` (default: ``<file>-decoded/`` beside the input), which appears whole
+    or not at all. diffusers and kohya-ss: the original file name (``pytorch_lora_weights.safetensors``,
+    ...) inside ``out``, or ``out`` itself when it ends in ``.safetensors``, with the original
+    keys and safetensors metadata (see :mod:`deltacodec.layouts`). ``dtype`` (fp32,
     fp16, bf16) applies to lora_A/B, rounded to nearest even; a value the rounding would turn
     into inf is a :class:`DecodeError` naming the tensor. Losslessly stored tensors keep their
     stored dtype. Tensors are decoded and written one at a time: peak memory is about one
@@ -443,4 +336,4 @@ def decode(
     for e in f.tensors:
         stored = e.dtype or "F32"  # a codebook-coded extra decodes to float32
         add(e, TensorSpec(stored, e.shape, lambda e=e, d=stored: (_stored(c, d) for c in _chunks(f, e))))
-    return write_adapter(out, specs, decoded_config(f), force=force, inputs=[f.path], progress=progress)
+    return write_decoded(f, out, specs, force=force, inputs=[f.path], progress=progress)

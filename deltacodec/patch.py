@@ -658,6 +658,9 @@ def apply(
     adapter that is ~4.4 GB in bf16. ``keep_original=False`` drops the copies once the whole patch
     has succeeded (they are still held while it runs, so a failure midway rolls back exactly).
     """
+    from .pipeline_apply import route  # diffusers pipelines, component-prefixed and kohya-ss files
+
+    model, source = route(model, source, max_decoded_bytes=max_decoded_bytes, strict=strict)
     import torch
 
     from . import kernels

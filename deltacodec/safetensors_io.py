@@ -152,13 +152,28 @@ class StHeader:
     file_size: int
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def read_header(path: str, fail: Callable[[str], Exception]) -> StHeader:
     """Read and check the header of the safetensors file ``path``, bounded before allocating.
 
     Every problem raises ``fail(message)``, the message naming what was expected: a file too
     short or empty, a header length beyond the file or the 100 MB cap, a header that is not a
-    JSON object of the documented shape, a tensor whose byte range does not match its dtype and
-    shape or runs past the end of the file (truncated).
+    JSON object of the documented shape (a key twice included), a tensor whose byte range does
+    not match its dtype and shape or runs past the end of the file (truncated), two tensors whose
+    byte ranges overlap.
     """
     try:
         size = os.path.getsize(path)
@@ -180,7 +195,11 @@ def read_header(path: str, fail: Callable[[str], Exception]) -> StHeader:
     if len(raw) != n:
         raise fail(f"truncated inside the header ({len(raw)} of {n} bytes)")
     try:
-        head = json.loads(raw.decode("utf-8"))
+        head = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:
+        # json.loads would keep the last of two entries silently; a tensor named twice (or two
+        # __metadata__ maps) means two readers could see different files.
+        raise fail(f"header names {json.dumps(dup.key)[:120]} twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise fail(f"header is not JSON ({type(exc).__name__}): not a safetensors file") from None
     if not isinstance(head, dict):

@@ -22,6 +22,12 @@ what :func:`deltacodec.encode` reads. Recipe::
     merged = model.merge_and_unload()                 # W + ΔW, a plain transformers model
     model = load_sinelora(fresh_base_model, "adapter/")  # reload for inference or more training
 
+Models that carry their adapters themselves (diffusers' ``UNet2DConditionModel``,
+``SD3Transformer2DModel``, ...) take the layer through :func:`add_sinelora_adapter` (their
+``add_adapter`` plus the same check); saved the way diffusers' DreamBooth LoRA scripts save
+(``get_peft_model_state_dict`` + ``save_lora_weights`` with the component's config as its
+LoRA metadata), the file records ω and γ there and encodes with no flags.
+
 Reload with :func:`load_sinelora`, not ``PeftModel.from_pretrained``: plain PEFT does not know
 the sine keys, drops them with an "Unexpected keyword arguments" warning and builds ordinary
 LoRA layers, which compute a different ΔW.
@@ -50,7 +56,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +66,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .errors import preview
+from .layouts.peft_config import gamma_for, sqrt_in_multiple
 
 __all__ = [
     "SineLoraConfig",
@@ -67,6 +74,7 @@ __all__ = [
     "sinelora_config",
     "get_sinelora_model",
     "load_sinelora",
+    "add_sinelora_adapter",
     "sinelora_layers",
     "GAMMA_SQRT_IN",
 ]
@@ -80,12 +88,17 @@ def _check_omega(omega: Any) -> float:
     return float(omega)
 
 
-def _check_gamma(gamma: Any) -> Optional[float]:
-    """γ as stored in the config: None for √in_features, else a positive finite float."""
+def _check_gamma(gamma: Any) -> Optional[float | str]:
+    """γ as stored in the config: None for √in_features, "c*sqrt-in" for c·√in_features (the
+    papers' γ = 2√n is "2*sqrt-in"), else a positive finite float."""
     if gamma is None or gamma == GAMMA_SQRT_IN:
         return None
+    if sqrt_in_multiple(gamma) is not None:
+        return gamma
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"SineLoRA γ (sinelora_scaling) must be a positive number or '{GAMMA_SQRT_IN}', got {gamma!r}")
+        raise ValueError(
+            f"SineLoRA γ (sinelora_scaling) must be a positive number, '{GAMMA_SQRT_IN}' or 'c*{GAMMA_SQRT_IN}', got {gamma!r}"
+        )
     return float(gamma)
 
 
@@ -96,14 +109,16 @@ class SineLoraConfig(LoraConfig):
     Extra fields (saved in ``adapter_config.json``; ``peft_type`` stays ``"LORA"``):
 
     * ``sinelora_frequency``: ω (required, finite, non-zero);
-    * ``sinelora_scaling``: γ, a positive number, or ``None`` for √in_features per layer;
+    * ``sinelora_scaling``: γ, a positive number, ``None`` for √in_features per layer, or
+      ``"c*sqrt-in"`` for c·√in_features (the papers' γ = 2√n: ``"2*sqrt-in"``);
     * ``use_sinelora``: ``True`` (a ``False`` makes this an ordinary LoRA config).
     """
 
     use_sinelora: bool = field(default=True, metadata={"help": "Apply sin(ω·BA)/γ to the LoRA product."})
     sinelora_frequency: Optional[float] = field(default=None, metadata={"help": "The frequency ω."})
-    sinelora_scaling: Optional[float] = field(
-        default=None, metadata={"help": "The divisor γ; None means sqrt(in_features) of each layer."}
+    sinelora_scaling: Optional[Union[float, str]] = field(
+        default=None,
+        metadata={"help": "The divisor γ; None means sqrt(in_features) of each layer, 'c*sqrt-in' c times it."},
     )
 
     def __post_init__(self) -> None:
@@ -166,8 +181,7 @@ class SineLoraLinear(_LoraLinear):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         if sine:
             om[adapter_name] = _check_omega(config.sinelora_frequency)
-            g = _check_gamma(getattr(config, "sinelora_scaling", None))
-            ga[adapter_name] = math.sqrt(self.in_features) if g is None else g
+            ga[adapter_name] = gamma_for(_check_gamma(getattr(config, "sinelora_scaling", None)), self.in_features)
         else:
             om.pop(adapter_name, None)
             ga.pop(adapter_name, None)
@@ -247,8 +261,9 @@ class SineLoraLinear(_LoraLinear):
 
 
 def sinelora_config(omega: float, gamma: float | str = GAMMA_SQRT_IN, **lora_kwargs: Any) -> SineLoraConfig:
-    """A :class:`SineLoraConfig`: ω, γ (a number or ``"sqrt-in"`` for √in_features), and any
-    :class:`peft.LoraConfig` keyword (``r``, ``lora_alpha``, ``target_modules``, ...)."""
+    """A :class:`SineLoraConfig`: ω, γ (a number, ``"sqrt-in"`` for √in_features or
+    ``"c*sqrt-in"`` for c·√in_features), and any :class:`peft.LoraConfig` keyword (``r``,
+    ``lora_alpha``, ``target_modules``, ...)."""
     return SineLoraConfig(sinelora_frequency=omega, sinelora_scaling=_check_gamma(gamma), **lora_kwargs)
 
 
@@ -282,6 +297,22 @@ def get_sinelora_model(model: nn.Module, config: SineLoraConfig, adapter_name: s
     pm = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     _check_all_sine(pm, adapter_name)
     return pm
+
+
+def add_sinelora_adapter(model: nn.Module, config: SineLoraConfig, adapter_name: str = "default") -> nn.Module:
+    """``model.add_adapter(config, adapter_name)`` for models that carry their adapters
+    themselves (diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ... and
+    transformers models), then a check that every targeted module is a sine layer. The model is
+    trained as it is and saved the way the diffusers DreamBooth scripts save (see the README);
+    returns ``model``."""
+    if not isinstance(config, SineLoraConfig) or not config.use_sinelora:
+        raise TypeError("add_sinelora_adapter needs a SineLoraConfig (see sinelora_config)")
+    add = getattr(model, "add_adapter", None)
+    if add is None:
+        raise TypeError(f"{type(model).__name__} has no add_adapter: use get_sinelora_model (a PeftModel wrapper)")
+    add(config, adapter_name=adapter_name)
+    _check_all_sine(model, adapter_name)
+    return model
 
 
 def _config_from_dir(path: str) -> SineLoraConfig:

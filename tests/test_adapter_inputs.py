@@ -606,3 +606,34 @@ def test_weight_error_report_on_a_strictly_read_adapter(tmp_path):
 
 def test_every_refusal_is_an_sld_error_and_a_value_error():
     assert issubclass(AdapterError, SldError) and issubclass(AdapterError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. γ as a multiple of √in_features (the papers' γ = 2√n)
+
+
+@pytest.mark.parametrize("where", ["override", "sinelora_scaling", "deltacodec"])
+def test_gamma_as_a_multiple_of_sqrt_in(tmp_path, where):
+    cfg = {**BASE_CONFIG, "use_sinelora": True, "sinelora_frequency": 200.0}
+    kw = {}
+    if where == "override":
+        kw["gamma"] = "2*sqrt-in"
+    elif where == "sinelora_scaling":
+        cfg["sinelora_scaling"] = "2*sqrt-in"
+    else:
+        cfg = {**BASE_CONFIG, "deltacodec": {"omega": 200.0, "gamma": "2*sqrt-in"}}
+    a = quiet_read(write_dir(tmp_path / "a", config=cfg), **kw)
+    assert all(m.sine and m.gamma == 2 * math.sqrt(m.in_features) for m in a.modules)
+    sld = deltacodec.encode(write_dir(tmp_path / "b", config=cfg), bits=8, out=str(tmp_path / "b.sld"), **kw)
+    deltacodec.decode(sld, str(tmp_path / "dec"))
+    dec = json.loads((tmp_path / "dec" / "adapter_config.json").read_text())
+    assert dec["deltacodec"] == {"omega": 200.0, "gamma": "2.0*sqrt-in"}
+    back = quiet_read(str(tmp_path / "dec"))
+    assert [m.gamma for m in back.modules] == [m.gamma for m in a.modules]
+
+
+@pytest.mark.parametrize("text", ["2*sqrt", "-2*sqrt-in", "0*sqrt-in", "1e999*sqrt-in", "2 * sqrt-in", "sqrt-in*2"])
+def test_malformed_multiples_of_sqrt_in_are_refused(tmp_path, text):
+    refused(write_dir(tmp_path / "a"), "gamma", omega=1.0, gamma=text)
+    cfg = {**BASE_CONFIG, "use_sinelora": True, "sinelora_frequency": 1.0, "sinelora_scaling": text}
+    refused(write_dir(tmp_path / "b", config=cfg), names=("'sinelora_scaling'",))

@@ -119,18 +119,19 @@ def test_merge_and_unload_equals_codec_apply_of_16bit_encode(tmp_path):
     h.remove()
 
 
-@pytest.mark.parametrize("gamma,rslora", [("sqrt-in", False), (5.0, False), ("sqrt-in", True)])
+@pytest.mark.parametrize("gamma,rslora", [("sqrt-in", False), (5.0, False), ("sqrt-in", True), ("2*sqrt-in", False)])
 def test_saved_adapter_encodes_with_no_flags(tmp_path, gamma, rslora):
     pm = sine_model(omega=123.5, gamma=gamma, r=4, alpha=16, use_rslora=rslora)
     pm.save_pretrained(str(tmp_path / "ad"))
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["use_sinelora"] is True and cfg["sinelora_frequency"] == 123.5 and cfg["peft_type"] == "LORA"
-    assert cfg["sinelora_scaling"] == (None if gamma == "sqrt-in" else 5.0)
+    assert cfg["sinelora_scaling"] == {"sqrt-in": None, 5.0: 5.0, "2*sqrt-in": "2*sqrt-in"}[gamma]
     f = deltacodec.load(deltacodec.encode(str(tmp_path / "ad"), bits=3, out=str(tmp_path / "a.sld")))
     assert f.metadata["method"] == "sine" and len(f.modules) == 2 * len(TARGETS)
     for m in f.modules:
         assert m.sine and m.omega == 123.5 and m.rank == 4
-        assert m.gamma == pytest.approx(math.sqrt(m.in_features) if gamma == "sqrt-in" else 5.0, rel=1e-12)
+        want = {"sqrt-in": math.sqrt(m.in_features), 5.0: 5.0, "2*sqrt-in": 2 * math.sqrt(m.in_features)}[gamma]
+        assert m.gamma == pytest.approx(want, rel=1e-12)
         assert m.scale == pytest.approx(16 / math.sqrt(4) if rslora else 16 / 4, rel=1e-12)
         layer = layer_of(pm, m.name[len("base_model.model."):])
         assert layer.sinelora_gamma["default"] == pytest.approx(m.gamma, rel=1e-12)
@@ -158,8 +159,9 @@ def test_training_moves_b_and_lowers_the_loss():
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_load_sinelora_round_trip_and_the_plain_peft_trap(tmp_path):
-    pm = sine_model(omega=80.0).eval()
+@pytest.mark.parametrize("gamma", ["sqrt-in", "2*sqrt-in"])
+def test_load_sinelora_round_trip_and_the_plain_peft_trap(tmp_path, gamma):
+    pm = sine_model(omega=80.0, gamma=gamma).eval()
     pm.save_pretrained(str(tmp_path / "ad"))
     x = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
@@ -175,6 +177,8 @@ def test_load_sinelora_round_trip_and_the_plain_peft_trap(tmp_path):
     deltacodec.decode(deltacodec.encode(str(tmp_path / "ad"), bits=16, out=str(tmp_path / "a.sld")),
                       str(tmp_path / "dec"))
     dec = sl.load_sinelora(tiny_llama(), str(tmp_path / "dec"))
+    assert {n: m.sinelora_gamma["default"] for n, m in sl.sinelora_layers(dec).items()} == pytest.approx(
+        {n: m.sinelora_gamma["default"] for n, m in sl.sinelora_layers(pm).items()}, rel=1e-12)
     with torch.no_grad():
         assert float((dec(x).logits - ref).abs().max()) < 2e-2
 
