@@ -318,7 +318,9 @@ def run(
         manifest = Manifest(dst, op, inputs=source.inputs)
         index = manifest.read_index()
     owned = isinstance(engine, str)
-    eng = make_engine(engine, workers=workers, address=address) if isinstance(engine, str) else engine
+    # Encoding reads adapters through torch (safetensors' torch loader): imported once, up front.
+    preload = ("torch",) if op == "encode" else ()
+    eng = make_engine(engine, workers=workers, address=address, preload=preload) if owned else engine
     summary = BatchSummary(op, src, dst, manifest.path if manifest else None, eng.name, 0)
     state = _Run(op, source, dst, manifest, index, summary, opts, force, single_file, progress, total, on_result)
     t0 = time.perf_counter()

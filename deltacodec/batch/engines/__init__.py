@@ -52,8 +52,10 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def make_engine(kind: str = "local", *, workers: int | None = None, address: str | None = None) -> Engine:
-    """``kind``: "local" (process pool) or "ray" (``address`` None starts a local cluster)."""
+def make_engine(kind: str = "local", *, workers: int | None = None, address: str | None = None,
+                preload: tuple[str, ...] = ()) -> Engine:
+    """``kind``: "local" (process pool) or "ray" (``address`` None starts a local cluster).
+    ``preload``: modules the local pool's workers import once, before any task."""
     if workers is not None and workers < 1:
         from ...errors import SldError
 
@@ -61,7 +63,7 @@ def make_engine(kind: str = "local", *, workers: int | None = None, address: str
     if kind == "local":
         from .local import LocalPool
 
-        return LocalPool(workers)
+        return LocalPool(workers, preload=preload)
     if kind == "ray":
         from .raycluster import RayEngine
 

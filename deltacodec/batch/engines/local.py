@@ -1,11 +1,13 @@
 """The local engine: a ``concurrent.futures`` process pool on this machine, one task per item.
 
-Workers are started by a fork server that has imported deltacodec once (cheap starts, no
-threads forked), ignore Ctrl-C (the driver decides: tasks running finish and are recorded), and
-on Linux die with the driver (``PR_SET_PDEATHSIG``): a driver killed with SIGKILL leaves no
-worker writing behind it, only the temporaries of the items in flight, which the next write
-into their directory removes. A worker that dies (killed, out of memory) fails the items in
-flight with a message saying so, and a fresh pool takes the rest.
+Workers are started by a fork server that has imported deltacodec (and torch, for encode) once:
+cheap starts, and no threads forked. They ignore Ctrl-C (the driver decides: tasks running
+finish and are recorded) and die with the driver: each holds the read end of a pipe whose only
+write end the driver holds, and a thread in the worker exits the process when that pipe closes.
+So a driver killed with SIGKILL leaves no worker writing behind it (the fork server is not the
+driver, and the pool's own queues never see the driver go), only the temporaries of the items
+in flight, which the next write into their directory removes. A worker that dies (killed, out
+of memory) fails the items in flight with a message saying so, and a fresh pool takes the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
@@ -22,32 +24,30 @@ from . import Result, default_workers, window
 
 __all__ = ["LocalPool"]
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _init_worker() -> None:
-    """Worker start: ignore SIGINT, die with the parent, one thread per worker for torch."""
+def _init_worker(lifeline: Any) -> None:
+    """Worker start: ignore SIGINT, die with the driver, one thread per worker for torch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The workers share the machine: one intra-op thread each (torch reads this when imported).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if sys.platform.startswith("linux"):
+
+    def watch() -> None:
         try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
+            lifeline.recv()  # nothing is ever sent: returns (EOFError) when the driver is gone
+        except (EOFError, OSError):
             pass
-        if os.getppid() == 1:  # the parent died before the line above: do not linger
-            os._exit(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sld-batch-lifeline", daemon=True).start()
 
 
-def _context() -> Any:
+def _context(preload: tuple[str, ...]) -> Any:
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        # Imported once in the fork server, so each worker starts with deltacodec loaded.
-        ctx.set_forkserver_preload(["deltacodec.batch.tasks"])
+        # Imported once in the fork server, so each worker starts with them loaded (torch for
+        # encode: half the start-up time of a worker). Takes effect when the fork server starts.
+        ctx.set_forkserver_preload(["deltacodec.batch.tasks", *preload])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -62,17 +62,24 @@ def _outcome(fut: Future) -> "dict[str, Any] | BaseException":
 
 
 class LocalPool:
-    """``workers`` processes (default: the CPUs this process may use)."""
+    """``workers`` processes (default: the CPUs this process may use); ``preload``: modules the
+    workers import before their first task (a missing one is skipped)."""
 
     name = "local"
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, *, preload: tuple[str, ...] = ()) -> None:
         self.workers = workers or default_workers()
+        self.preload = tuple(preload)
         self._ex: ProcessPoolExecutor | None = None
+        self._lifeline: tuple[Any, Any] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._ex is None:
-            self._ex = ProcessPoolExecutor(self.workers, mp_context=_context(), initializer=_init_worker)
+            ctx = _context(self.preload)
+            if self._lifeline is None:
+                self._lifeline = ctx.Pipe(duplex=False)  # (read end for the workers, write end kept here)
+            self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(self._lifeline[0],))
         return self._ex
 
     def __enter__(self) -> "LocalPool":
@@ -83,9 +90,15 @@ class LocalPool:
         self.close()
 
     def close(self) -> None:
-        if self._ex is not None:
-            ex, self._ex = self._ex, None
-            ex.shutdown(wait=True, cancel_futures=True)
+        try:
+            if self._ex is not None:
+                ex, self._ex = self._ex, None
+                ex.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if self._lifeline is not None:
+                for end in self._lifeline:
+                    end.close()
+                self._lifeline = None
 
     def run(self, fn: Callable[[Any], dict[str, Any]], tasks: Iterator[Any]) -> Iterator[Result]:
         pending: dict[Future, Any] = {}
