@@ -199,13 +199,19 @@ def run_and_kill(*args: str, after: int) -> None:
         os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers must follow it by themselves
         proc.wait()
         proc.stderr.close()
+    wait_group_gone(proc.pid)
+
+
+def wait_group_gone(pgid: int) -> None:
+    """Wait (up to two minutes) until no process of group ``pgid`` is left: the workers, the
+    fork server and the resource tracker follow a dead driver by themselves."""
     deadline = time.monotonic() + 120
-    while True:  # workers die with the driver (fork server exits, PR_SET_PDEATHSIG)
+    while True:
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(pgid, 0)
         except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "processes of the killed batch are still running"
+            return
+        assert time.monotonic() < deadline, "processes of the batch are still running after its driver ended"
         time.sleep(0.05)
 
 
@@ -497,6 +503,45 @@ def test_listing_file_source_and_its_bad_entries(tree, pool, tmp_path):
     assert any("already claimed" in e for e in errors)
     assert (tmp_path / "l" / "team0" / "user0" / "adapter000.sld").read_bytes() == tree["refs"]["team0/user0/adapter000"][0]
     assert (tmp_path / "l" / "loose" / "lora01.sld").read_bytes() == tree["refs"]["loose/lora01.safetensors"][0]
+
+
+def test_root_mirrors_listed_paths_from_another_directory(tree, pool, tmp_path):
+    lst = tmp_path / "todo.txt"
+    lst.write_text(f"{tree['src'] / 'team2' / 'user2' / 'adapter002'}\n{tree['src'] / 'loose' / 'lora05.safetensors'}\n")
+    s = batch.encode(str(lst), tmp_path / "r", engine=pool, root=str(tree["src"]))
+    assert (s.succeeded, s.failed) == (2, 0)
+    assert (tmp_path / "r" / "team2" / "user2" / "adapter002.sld").read_bytes() == tree["refs"]["team2/user2/adapter002"][0]
+    assert (tmp_path / "r" / "loose" / "lora05.sld").exists()
+    with pytest.raises(SldError, match="--root applies to a glob or a listing"):
+        batch.encode(tree["src"], tmp_path / "r2", root=str(tree["src"]))
+
+
+def test_progress_counts_every_item_once(small, pool):
+    seen = []
+    batch.run("encode", small["src"], small["dst"], engine=pool, progress=lambda i, n, name: seen.append((i, n)), total=6)
+    assert seen[-1] == (6, 6) and [i for i, _ in seen] == list(range(1, 7))
+    seen.clear()
+    batch.run("encode", small["src"], small["dst"], engine=pool, progress=lambda i, n, name: seen.append((i, n)), total=6)
+    assert [i for i, _ in seen] == list(range(1, 7))  # skipped items count too
+
+
+def test_ctrl_c_stops_the_batch_with_status_130_and_leaves_no_worker(small):
+    proc = subprocess.Popen([PY, "-m", "deltacodec.cli", "batch", "encode", str(small["src"]), str(small["dst"]),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=sld_env(**{PAUSE_ENV: "2"}), cwd=str(REPO), start_new_session=True)
+    err = b""
+    while PAUSE_MARK.encode() not in err:
+        line = proc.stderr.readline()
+        assert line, err.decode()
+        err += line
+    os.kill(proc.pid, signal.SIGINT)
+    out, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and rest.decode().splitlines() == ["sld: interrupted"], rest
+    wait_group_gone(proc.pid)
+    recs = results(read_manifest(small["dst"] / "sld-batch-encode.jsonl"))
+    assert len(recs) >= 2
+    s = batch.encode(small["src"], small["dst"], workers=1)
+    assert s.skipped == len([r for r in recs if r["status"] == "ok"]) and s.succeeded + s.skipped == 6
 
 
 # ----------------------------------------------------------------------------------------------
