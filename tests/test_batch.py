@@ -769,6 +769,32 @@ def test_manifest_line_cut_short_by_a_kill_is_ignored_and_its_item_redone(small,
     assert [r["source"] for r in results(recs)] == [cut] and results(recs)[0]["status"] == "ok"
 
 
+def test_index_last_record_wins_ownership_sticks_and_refused_inputs_shadow_nothing():
+    from deltacodec.batch.manifest import Index
+
+    def rec(status, source="a", output="a.sld", **kw):
+        return {"op": "encode", "source": source, "output": output, "status": status, "fingerprint": "01" * 8,
+                "options_id": "02" * 8, "source_sha256": "03" * 32, "bytes": 7, **kw}
+
+    idx = Index()
+    idx.update(rec("started"))
+    idx.update(rec("ok"))
+    idx.update(rec("failed"))  # the adapter broke later: not done, but its old output is still ours
+    idx.update(rec("failed", source="b", output="b.sld"))  # never written: not ours
+    idx.update(rec("failed", source="c.sld", output=None))  # refused before it had an output
+    st = idx.claim("a.sld")
+    assert (st.done, st.owned) == (False, True)
+    st = idx.claim("b.sld")
+    assert (st.done, st.owned) == (False, False)
+    assert idx.claim("c.sld") is None  # the output c.sld of some other input is not shadowed
+    assert idx.claim("a.sld") is False  # a second claim in the same run
+    idx = Index()
+    idx.update(rec("ok"))
+    st = idx.claim("a.sld")
+    assert (st.done, st.owned, st.fingerprint, st.options_id, st.source_id, st.out_bytes) == (
+        True, True, bytes([1] * 8), bytes([2] * 8), bytes([3] * 8), 7)
+
+
 def _die_on_two(task: int) -> dict:
     if task == 2:
         os._exit(3)

@@ -28,7 +28,7 @@ from ..errors import DecodeError, DeltacodecWarning, EncodeError, OutputError, S
 from ..outputs import check_output, clean_leftovers
 from .engines import Engine, make_engine
 from .listing import Item, Source, open_source
-from .manifest import Index, Manifest, digest8
+from .manifest import Index, Manifest, digest8, item_key
 from .tasks import OPS, Task, failure_record, fingerprint, output_size, run_task, source_files
 
 __all__ = ["run", "BatchSummary", "check_options", "output_rel", "count_items", "MAX_LISTED_FAILURES"]
@@ -200,7 +200,7 @@ class _Run:
         out = os.path.join(self.dst, *out_rel.split("/")) if out_rel is not None and self.dst else None
         opt_id = digest8(self.op, item.rel, self.options_json, __version__)
         task = replace(base, output=out, out_rel=out_rel, options_id=opt_id.hex())
-        state = self.index.claim(out_rel or item.rel)
+        state = self.index.claim(item_key(self.op, item.rel, out_rel))
         if state is False:
             what = f"its output {out_rel}" if out_rel else "it"
             self.finish(failure_record(base, f"{item.path}: another input of this batch already claimed {what} "

@@ -16,6 +16,11 @@ What counts as an item is decided by layout, generously, and the reader has the 
   shard, a damaged file) becomes a failed item with the reader's error, and the batch goes on.
 * ``sld`` (``sld batch decode``/``verify``): every ``.sld`` file.
 
+A glob's matches are taken as they are (a matched adapter directory or file is an item; other
+directories are not searched, since ``**`` matches every directory below on its own); a
+listing's entries are searched as trees when they are directories and taken whatever their
+name when they are files (the reader says what is wrong with them).
+
 Names starting with ``.`` are skipped (temporaries, ``.git``); symlinked directories are not
 followed (no loops), symlinked files are. A directory that cannot be read, a listing entry that
 does not exist or lies outside the root, become failed items too (:attr:`Item.problem`).
