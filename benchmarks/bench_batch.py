@@ -21,7 +21,7 @@ Python memory per item from tracemalloc, for N synthetic records.
 
 Usage: nice -n 10 python benchmarks/bench_batch.py [--items 120] [--loop-items 12]
        [--workers 1 2] [--engines loop local ray] [--dim 64] [--rank 4] [--sizes 60 240]
-       [--index-items 200000] [--json]
+       [--repeat 2] [--index-items 200000] [--json]
 """
 
 from __future__ import annotations
@@ -136,25 +136,41 @@ def sld(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltacodec.cli", *args]
 
 
-def bench_engine(engine: str, workers: int, src: Path, one: Path, tmp: Path, env: dict[str, str]) -> dict:
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The fastest of repeated runs (the machine is shared: the others measure its load), with
+    the largest memory peaks seen."""
+    best = dict(min(runs, key=lambda r: r["wall_s"]))
+    best["driver_mb"] = max(r["driver_mb"] for r in runs)
+    best["worker_mb"] = max(r["worker_mb"] for r in runs)
+    return best
+
+
+def bench_engine(engine: str, workers: int, src: Path, one: Path, tmp: Path, env: dict[str, str], repeat: int) -> dict:
     flags = ["--workers", str(workers)] + (["--ray"] if engine == "ray" else [])
-    dst = tmp / f"out-{engine}-{workers}"
-    full = timed(sld("batch", "encode", str(src), str(dst), "-q", *flags), env)
-    n = sum(1 for line in open(dst / "sld-batch-encode.jsonl") if '"status":"ok"' in line)
-    start = timed(sld("batch", "encode", str(one), str(tmp / f"one-{engine}-{workers}"), "-q", *flags), env)
-    shutil.rmtree(dst)
+    fulls, starts, n = [], [], 0
+    for _ in range(repeat):
+        # Fresh output directories each time: a rerun into the same DST would skip everything.
+        dst, dst1 = Path(tempfile.mkdtemp(dir=tmp)) / "out", Path(tempfile.mkdtemp(dir=tmp)) / "one"
+        fulls.append(timed(sld("batch", "encode", str(src), str(dst), "-q", *flags), env))
+        n = sum(1 for line in open(dst / "sld-batch-encode.jsonl") if '"status":"ok"' in line)
+        starts.append(timed(sld("batch", "encode", str(one), str(dst1), "-q", *flags), env))
+        shutil.rmtree(dst.parent)
+        shutil.rmtree(dst1.parent)
+    full, start = _best(fulls), _best(starts)
     rate = (n - 1) / max(1e-9, full["wall_s"] - start["wall_s"])
     return {"engine": engine, "workers": workers, "items": n, "wall_s": full["wall_s"], "startup_s": start["wall_s"],
             "rate": rate, "driver_mb": full["driver_mb"], "worker_mb": full["worker_mb"]}
 
 
-def bench_loop(paths: list[str], tmp: Path, env: dict[str, str]) -> dict:
-    out = tmp / "loop"
-    out.mkdir()
+def bench_loop(paths: list[str], tmp: Path, env: dict[str, str], repeat: int) -> dict:
     py = sys.executable
-    script = "set -e\n" + "".join(
-        f'"{py}" -m deltacodec.cli encode "{p}" -o "{out}/{i}.sld" -q\n' for i, p in enumerate(paths))
-    r = timed(["bash", "-c", script], env)
+    runs = []
+    for _ in range(repeat):
+        out = Path(tempfile.mkdtemp(dir=tmp))
+        script = "set -e\n" + "".join(
+            f'"{py}" -m deltacodec.cli encode "{p}" -o "{out}/{i}.sld" -q\n' for i, p in enumerate(paths))
+        runs.append(timed(["bash", "-c", script], env))
+    r = _best(runs)
     return {"engine": "loop", "workers": 1, "items": len(paths), "wall_s": r["wall_s"], "startup_s": None,
             "rate": len(paths) / r["wall_s"], "driver_mb": None, "worker_mb": r["driver_mb"]}
 
@@ -185,6 +201,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--sizes", type=int, nargs="*", default=[], help="extra tree sizes for the local pool's memory")
     ap.add_argument("--index-items", type=int, default=0, help="measure the manifest index with N records")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept (default 1)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -197,7 +214,7 @@ def main() -> None:
         one = tmp / "one.txt"
         one.write_text(os.path.relpath(paths[0], tmp) + "\n")
         if "loop" in args.engines:
-            rows.append(bench_loop(paths[: args.loop_items], tmp, env))
+            rows.append(bench_loop(paths[: args.loop_items], tmp, env, args.repeat))
         for engine in ("local", "ray"):
             if engine not in args.engines:
                 continue
@@ -208,11 +225,11 @@ def main() -> None:
                     print("ray is not installed: skipping the Ray engine", file=sys.stderr)
                     continue
             for w in args.workers:
-                rows.append(bench_engine(engine, w, tmp / "src", one, tmp, env))
+                rows.append(bench_engine(engine, w, tmp / "src", one, tmp, env, args.repeat))
         for size in args.sizes:
             sub = tmp / f"src{size}"
             make_tree(sub, size, args.dim, args.rank)
-            r = bench_engine("local", max(args.workers), sub, one, tmp, env)
+            r = bench_engine("local", max(args.workers), sub, one, tmp, env, args.repeat)
             r["engine"] = f"local ({size} items)"
             rows.append(r)
     if args.index_items:
