@@ -16,6 +16,7 @@ redone (same manifest lines, same inode and mtime), nothing is left partial.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import selectors
@@ -38,7 +39,6 @@ from deltacodec import batch
 from deltacodec.batch.driver import PAUSE_ENV, PAUSE_MARK, output_rel
 from deltacodec.batch.engines.local import LocalPool
 from deltacodec.batch.listing import open_source
-from deltacodec.batch.manifest import Manifest
 from deltacodec.errors import DecodeError, DeltacodecWarning, EncodeError, OutputError, SldError
 from deltacodec.outputs import TEMP_PREFIX, _host_tag
 
@@ -285,17 +285,43 @@ def test_listing_finds_every_adapter_by_layout_and_nothing_else(tree):
     assert all(it.problem is None for it in found)
     assert sorted(it.rel for it in found) == sorted(tree["items"])
     assert {it.path for it in found} == set(tree["items"].values())
+    # The progress bar's total (counted only on a terminal) is the same listing.
+    from deltacodec.batch.driver import count_items
+
+    assert count_items("encode", str(tree["src"])) == len(tree["items"])
 
 
-def test_listing_streams_without_reading_a_directory_whole(tmp_path):
-    # The walk yields the first item before it has looked at the rest of a wide directory.
+def test_listing_streams_without_reading_a_directory_whole(tmp_path, monkeypatch):
+    # A wide directory: the walk yields its first adapter after reading one entry of it, not the
+    # whole listing (a directory of a million adapters is never held as a list).
     for i in range(50):
         _peft_dir(tmp_path / f"a{i:02d}", i)
+    pulled: list[str] = []
+    real = os.scandir
+
+    class Counting:
+        def __init__(self, path):
+            self._it = real(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._it.close()
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            e = next(self._it)
+            pulled.append(e.name)
+            return e
+
+    monkeypatch.setattr(os, "scandir", Counting)
     it = open_source(str(tmp_path), "adapters").items()
     first = next(it)
-    assert first.rel.startswith("a")
-    rest = list(it)
-    assert len(rest) == 49
+    assert len(pulled) == 1 and first.rel == pulled[0]
+    assert len(list(it)) == 49 and len(pulled) == 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,8 +362,6 @@ def test_resumed_encode_does_each_item_once_and_matches_sld_encode(tree, encoded
         if r["status"] == "ok":
             assert stat_key(dst / r["output"]) == encoded["after_kill"][r["output"]]
     # Every output: the bytes of a single-file sld encode, and its recorded checksum and size.
-    import hashlib
-
     latest = {r["source"]: r for r in results(encoded["all"])}
     for rel in good:
         rec = latest[rel]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from typing import Any
 
 from ..cli_args import limit_help, size_arg
