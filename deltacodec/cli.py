@@ -151,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     add_verify_parser(sub)
 
+    from .batch.cli import add_batch_parser
     from .cli_analysis import add_bd_parser, add_stats_parser
     from .cli_apply import add_apply_parser
 
     add_bd_parser(sub)
     add_stats_parser(sub)
     add_apply_parser(sub)
+    add_batch_parser(sub)  # after encode: it copies encode's options
     return p
 
 
