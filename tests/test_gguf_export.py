@@ -496,7 +496,11 @@ def test_outputs_follow_the_output_rules(made, tmp_path):
         deltacodec.decode(sld, sld, format="gguf", force=True)
     cfg = os.path.join(bdir, "config.json")
     with pytest.raises(OutputError, match="is the input"):
-        deltacodec.decode(sld, cfg, format="gguf", base_config=cfg, force=True)
+        deltacodec.decode(sld, cfg, format="gguf", base_config=bdir, force=True)
+    # beside the config in the model directory is fine: only config.json is read there
+    beside = os.path.join(bdir, "adapter.gguf")
+    assert deltacodec.decode(sld, beside, format="gguf", base_config=bdir) == [beside]
+    os.remove(beside)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
 
 
@@ -552,6 +556,9 @@ def _write_llama_base(path: str, model, cfg) -> None:
              "lm_head.weight": "output.weight"}
     per_layer = dict(LLAMA_NAMES, input_layernorm="attn_norm", post_attention_layernorm="ffn_norm")
     for key, t in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")  # PEFT's wrapper around the base Linear
         x = t.detach().float().numpy()
         if key in names:
             w.add_tensor(names[key], x)
@@ -610,3 +617,12 @@ def test_llamacpp_loads_the_adapter_and_changes_logits_as_peft_merge_predicts(tm
     span = np.abs(hf_base).max()
     np.testing.assert_allclose(cpp_base, hf_base, rtol=0, atol=2e-3 * span)
     np.testing.assert_allclose(cpp_lora - cpp_base, change, rtol=0, atol=0.02 * np.abs(change).max())
+
+
+def test_importing_deltacodec_and_its_export_package_does_not_import_gguf():
+    import subprocess
+
+    code = ("import sys, deltacodec, deltacodec.export, deltacodec.export.gguf_arch; "
+            "assert 'gguf' not in sys.modules, 'gguf imported'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

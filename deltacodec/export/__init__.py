@@ -53,6 +53,9 @@ def export(
     is an input is always refused; the file appears whole or not at all.
     """
     mod = _module(fmt)
-    f = path if isinstance(path, SldFile) else SldFile(path, max_decoded_bytes=max_decoded_bytes)
-    target = os.fspath(out) if out is not None else default_output(f.path, fmt)
-    return mod.export(f, target, dtype=dtype, force=force, progress=progress, **options)
+    if isinstance(path, SldFile):
+        target = os.fspath(out) if out is not None else default_output(path.path, fmt)
+        return mod.export(path, target, dtype=dtype, force=force, progress=progress, **options)
+    with SldFile(path, max_decoded_bytes=max_decoded_bytes) as f:
+        target = os.fspath(out) if out is not None else default_output(f.path, fmt)
+        return mod.export(f, target, dtype=dtype, force=force, progress=progress, **options)

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import DecodeError, preview
 from ..format import ModuleEntry, SldFile
 from ..outputs import atomic_file, check_output
-from .gguf_arch import BaseConfig, GgufArch, read_base_config, resolve_arch
+from .gguf_arch import BaseConfig, GgufArch, config_path, read_base_config, resolve_arch
 
 __all__ = ["SUFFIX", "DTYPES", "export", "import_gguf", "lora_alpha"]
 
@@ -107,8 +107,10 @@ def _short(name: str) -> str:
 
 
 def _n_blocks(f: SldFile) -> int:
-    top = [int(i) for m in f.modules for i in _INDEX.findall(_short(m.name))]
-    return min(max(top, default=0) + 1, MAX_BLOCKS)
+    """Blocks gguf's name map must cover: up to the largest index in a module name (an index of
+    MAX_BLOCKS or more is left unmapped, and so refused, rather than make the map that large)."""
+    top = [int(i) for m in f.modules for i in _INDEX.findall(_short(m.name)) if int(i) < MAX_BLOCKS]
+    return max(top, default=0) + 1
 
 
 def _refuse_unexpressible(f: SldFile) -> None:
@@ -268,7 +270,7 @@ def export(
     gguf = import_gguf()
     inputs = [f.path]
     if base_config is not None and not isinstance(base_config, Mapping):
-        inputs.append(os.fspath(base_config))
+        inputs.append(config_path(base_config))  # the file read, not its directory: out may sit beside it
     check_output(out, inputs, force=force, kind="file")  # before any decoding
     base = read_base_config(base_config) if base_config is not None else None
     _, target = resolve_arch(f.path, f.metadata, arch, base)

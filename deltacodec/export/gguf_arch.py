@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from ..errors import DecodeError
 
-__all__ = ["GgufArch", "HF_ARCHITECTURES", "BaseConfig", "read_base_config", "resolve_arch", "known_names"]
+__all__ = ["GgufArch", "HF_ARCHITECTURES", "BaseConfig", "config_path", "read_base_config", "resolve_arch", "known_names"]
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,18 @@ def _count(cfg: Mapping[str, Any], keys: tuple[str, ...], where: str) -> int | N
     return None
 
 
+def config_path(src: str | os.PathLike[str]) -> str:
+    """The file a ``base_config`` path names: itself, or the config.json in a model directory."""
+    p = os.fspath(src)
+    return os.path.join(p, "config.json") if os.path.isdir(p) else p
+
+
 def read_base_config(src: str | os.PathLike[str] | Mapping[str, Any]) -> BaseConfig:
     """The base model's config: a config.json path, a model directory holding one, or a dict."""
     if isinstance(src, Mapping):
         where, cfg = "base_config", dict(src)
     else:
-        where = os.fspath(src)
-        p = os.path.join(where, "config.json") if os.path.isdir(where) else where
+        p = config_path(src)
         try:
             with open(p, "rb") as fh:
                 raw = fh.read(_MAX_CONFIG_BYTES + 1)
