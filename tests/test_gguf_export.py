@@ -623,10 +623,13 @@ def test_llamacpp_loads_the_adapter_and_changes_logits_as_peft_merge_predicts(tm
     change = hf_lora - hf_base
     assert np.abs(change).max() > 0.05  # the adapter moves the logits visibly
     # llama.cpp computes in float32 with its own kernels (and may round K/V to fp16): 2e-3 of the
-    # logits' range for the base model, and the adapter's change within 2% of its own size.
+    # logits' range for the base model, and the adapter's change within 0.5% of its own size
+    # (measured: 5e-5 of 0.33, and 0.05%; without lora_b's RoPE row order the change is off by 14%).
     span = np.abs(hf_base).max()
+    print(f"\nlogits span {span:.4g}, |base diff| {np.abs(cpp_base - hf_base).max():.3g}, "
+          f"adapter change {np.abs(change).max():.4g}, |change diff| {np.abs(cpp_lora - cpp_base - change).max():.3g}")
     np.testing.assert_allclose(cpp_base, hf_base, rtol=0, atol=2e-3 * span)
-    np.testing.assert_allclose(cpp_lora - cpp_base, change, rtol=0, atol=0.02 * np.abs(change).max())
+    np.testing.assert_allclose(cpp_lora - cpp_base, change, rtol=0, atol=0.005 * np.abs(change).max())
 
 
 def test_importing_deltacodec_and_its_export_package_does_not_import_gguf():
