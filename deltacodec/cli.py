@@ -100,6 +100,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         progress=stderr_progress("decode", quiet=args.quiet),
         force=args.force,
         max_decoded_bytes=args.max_decoded_bytes,
+        format=args.format,
+        arch=args.arch,
+        base_config=args.base_config,
     )
     if not args.quiet:
         for p in paths:
@@ -139,11 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
     e.set_defaults(func=_cmd_encode)
 
-    d = sub.add_parser("decode", help=".sld -> adapter in PEFT layout")
+    d = sub.add_parser("decode", help=".sld -> the adapter in the layout it was encoded from (or a llama.cpp GGUF adapter)")
     d.add_argument("file", metavar="FILE.sld")
-    d.add_argument("-o", "--output", help="directory, or a path ending in .safetensors (default: FILE-decoded/)")
+    d.add_argument("-o", "--output", help="directory, or a path ending in .safetensors (default: FILE-decoded/); "
+                   "with --format gguf a file (default: FILE.gguf)")
     d.add_argument("--force", action="store_true", help="replace the output if it exists (never an input)")
-    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of lora_A/B")
+    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of lora_A/B (gguf: fp32 or fp16)")
+    d.add_argument("--format", choices=["adapter", "gguf"], default="adapter",
+                   help="adapter (default: the layout the file was encoded from, PEFT, diffusers or kohya) "
+                   "or gguf: a llama.cpp LoRA adapter (plain LoRA; needs the gguf extra)")
+    d.add_argument("--arch", help="gguf: the base model's architecture when the file does not record it "
+                   "(LlamaForCausalLM, Qwen2ForCausalLM, ... or llama.cpp's name: llama, qwen2, ...)")
+    d.add_argument("--base-config", metavar="CONFIG", help="gguf: the base model's config.json (or its directory): "
+                   "architecture, and the head counts LLaMA-family q/k projections need")
     d.add_argument("--max-decoded-bytes", type=size_arg, metavar="SIZE", help=limit_help())
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary lines")
     d.set_defaults(func=_cmd_decode)

@@ -294,9 +294,16 @@ def decode(
     force: bool = False,
     max_decoded_bytes: int | None = None,
     progress: Progress | None = None,
+    format: str = "adapter",
+    arch: str | None = None,
+    base_config: str | os.PathLike[str] | dict[str, Any] | None = None,
 ) -> list[str]:
     """Write the dequantized adapter back in the layout it was encoded from; returns the paths
     written.
+
+    ``format="gguf"`` writes a llama.cpp LoRA adapter instead (one file, default
+    ``<file>.gguf``; ``dtype`` fp32 or fp16; ``arch``/``base_config`` name the base model's
+    architecture, see :func:`deltacodec.export.gguf.export`; needs the ``gguf`` extra).
 
     PEFT (and any file whose ``layout`` metadata is missing or unusable, with a warning for the
     latter: metadata is informational): ``out`` ending in ``.safetensors`` gives one file
@@ -313,6 +320,13 @@ def decode(
     ``force``; an ``out`` that is the input or contains it is always refused (OutputError).
     ``max_decoded_bytes`` is passed to :class:`SldFile` (ignored when ``path`` is one).
     """
+    if format != "adapter":
+        from .export import export
+
+        return export(format, path, out, dtype=dtype, force=force, max_decoded_bytes=max_decoded_bytes,
+                      progress=progress, arch=arch, base_config=base_config)
+    if arch is not None or base_config is not None:
+        raise DecodeError("arch and base_config describe a llama.cpp base model: they apply to format='gguf' only")
     if dtype not in _OUT_DTYPES:
         raise DecodeError(f"dtype must be one of {', '.join(_OUT_DTYPES)}, got '{dtype}'")
     f = path if isinstance(path, SldFile) else SldFile(path, max_decoded_bytes=max_decoded_bytes)
