@@ -45,6 +45,11 @@ plain LoRA may be mixed; ``adapter_names=`` mixed batches), ``use_rslora``, ``ra
 variants (DoRA, aLoRA, ...), ``lora_bias``, ``fan_in_fan_out`` (GPT-2 ``Conv1D``), embeddings,
 convolutions and quantized (bitsandbytes/GPTQ/...) base layers.
 
+Quantization-aware training for the codec (sine and plain LoRA layers alike): call
+``enable_qat(model, bits=3)`` for the last part of training, then ``export_sld(model,
+"adapter.sld")``, which writes a file that decodes to exactly the factors the quantized forward
+pass used (see :mod:`deltacodec.qat`; ``disable_qat`` goes back to the latent factors).
+
 ``peft`` and ``transformers`` are imported by this module only: ``import deltacodec`` does not
 load them.
 """
@@ -67,6 +72,7 @@ from torch import nn
 
 from .errors import preview
 from .layouts.peft_config import gamma_for, sqrt_in_multiple
+from .qat import disable_qat, enable_qat, export_sld, refresh_qat
 
 __all__ = [
     "SineLoraConfig",
@@ -77,6 +83,10 @@ __all__ = [
     "add_sinelora_adapter",
     "sinelora_layers",
     "GAMMA_SQRT_IN",
+    "enable_qat",
+    "disable_qat",
+    "refresh_qat",
+    "export_sld",
 ]
 
 GAMMA_SQRT_IN = "sqrt-in"
