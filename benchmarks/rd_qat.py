@@ -1,0 +1,341 @@
+"""QAT arm of the RD experiment (issue 12): quantization-aware vs post-training quantization.
+
+Testbed 1 of ``rd_experiment.py`` (tiny Llama, new-cipher task; its base model, data, adapter
+configs and accuracy are imported from there). Per method (LoRA, SineLoRA) and rank, one training
+run of ``steps`` steps is shared by every arm up to the switch point ``steps - qat_steps``:
+
+* **PTQ**: plain training to the end, ``save_pretrained``, ``deltacodec.encode`` at b bits (the
+  codec's k-means), applied to the bare base with ``deltacodec.apply``;
+* **QAT at b bits**: from the switch point, the same remaining steps with
+  ``deltacodec.sinelora.enable_qat(model, bits=b)`` (nothing else changes: same optimizer state,
+  batches and learning rate), then ``export_sld`` and the same apply + evaluation.
+
+So both arms have the same total step budget; the QAT steps are counted inside it. Quality is
+test accuracy (%) of the patched base; rate is the ``.sld`` size. BD-rate (akima, curves over
+ranks at each bit width) of QAT against PTQ per method, and SineLoRA-QAT against LoRA-QAT.
+Hyperparameters are not searched here: each (method, rank) uses the learning rate and ω that
+``rd_experiment.py``'s validation search chose for seed 0 (``benchmarks/README.md``), for every
+seed. Training-time overhead: seconds per step of the QAT phase over seconds per step of the
+same phase trained plainly (PTQ arm), measured in the same process.
+
+Usage::
+
+    python benchmarks/rd_qat.py --seed 0                 # -> benchmarks/out/rd_qat/seed0/
+    python benchmarks/rd_qat.py --quick --out /tmp/rdq    # small task, ranks 2 8, ~1 min
+    python benchmarks/rd_qat.py --summarize benchmarks/out/rd_qat/seed0 benchmarks/out/rd_qat/seed1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import deltacodec  # noqa: E402
+from deltacodec.analysis import RDPoint, bd_table  # noqa: E402
+from rd_experiment import (  # noqa: E402
+    Settings,
+    accuracy,
+    adapter_config,
+    answer_loss,
+    downstream_splits,
+    load_base,
+    load_or_pretrain_base,
+    log,
+    lr_schedule,
+    make_tables,
+    monotone_frontier,
+    quick_settings,
+    weights_digest,
+)
+
+METHODS = ("LoRA", "SineLoRA")
+INTERP = "akima"
+# rd_experiment.py's validation choice for seed 0 (benchmarks/README.md): rank -> (ω, lr).
+HYPER = {
+    "LoRA": {1: (None, 1e-3), 2: (None, 3e-3), 4: (None, 3e-3), 8: (None, 3e-3), 16: (None, 3e-3)},
+    "SineLoRA": {1: (100.0, 3e-3), 2: (100.0, 3e-3), 4: (100.0, 3e-3), 8: (30.0, 3e-3), 16: (30.0, 3e-3)},
+}
+QUICK_HYPER = {"LoRA": (None, 3e-3), "SineLoRA": (100.0, 3e-3)}
+
+
+def hyper(method: str, rank: int, quick: bool) -> tuple[float | None, float]:
+    if quick or rank not in HYPER[method]:
+        return QUICK_HYPER[method]
+    return HYPER[method][rank]
+
+
+class Run:
+    """One adapter's training state: PEFT model, AdamW, step counter (batches are a function of
+    the step, so a copy resumes exactly where the original was)."""
+
+    def __init__(self, pm, lr: float, st: Settings, train: torch.Tensor, order: torch.Tensor):
+        self.pm, self.lr, self.st, self.train, self.order = pm, lr, st, train, order
+        self.params = [p for p in pm.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        self.step = 0
+
+    def batch(self, step: int) -> torch.Tensor:
+        n = len(self.order) - len(self.order) % self.st.batch
+        i = (step * self.st.batch) % n
+        return self.train[self.order[i : i + self.st.batch]]
+
+    def advance(self, n: int) -> tuple[float, float]:
+        """Train ``n`` steps (AdamW, 5% warmup, then constant: rd_experiment's adapter schedule);
+        returns (seconds, last loss)."""
+        self.pm.train()
+        loss = torch.tensor(float("nan"))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr * lr_schedule(self.step, self.st.steps, max(1, self.st.steps // 20), decay=False)
+            loss = answer_loss(self.pm, self.batch(self.step), self.st.task)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+        secs = time.perf_counter() - t0
+        self.pm.eval()
+        return secs, float(loss.item())
+
+    def fork(self) -> "Run":
+        """An independent copy (model, optimizer state, step)."""
+        twin = Run(copy.deepcopy(self.pm), self.lr, self.st, self.train, self.order)
+        twin.opt.load_state_dict(self.opt.state_dict())  # params in the same order
+        twin.step = self.step
+        return twin
+
+
+def evaluate_file(base, path: Path, test: torch.Tensor, st: Settings, digest: str) -> float:
+    with deltacodec.apply(base, path, backend="torch"):
+        acc = accuracy(base, test, st.task)
+    if weights_digest(base) != digest:
+        raise RuntimeError(f"{path}: the base weights changed after apply(...).remove()")
+    return acc
+
+
+def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse.Namespace, out: Path,
+             digest: str) -> list[dict]:
+    from peft import get_peft_model
+
+    from deltacodec.sinelora import enable_qat, export_sld, get_sinelora_model
+
+    omega, lr = hyper(method, rank, st.quick)
+    torch.manual_seed(st.seed * 1000 + rank)  # as rd_experiment.train_adapter: same initial A per rank
+    model = copy.deepcopy(base)
+    cfg = adapter_config(method, rank, omega, st)
+    pm = get_peft_model(model, cfg) if method == "LoRA" else get_sinelora_model(model, cfg)
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(st.seed))
+    run = Run(pm, lr, st, data["train"], order)
+    switch = st.steps - a.qat_steps
+    t_pre, _ = run.advance(switch)
+    snap = run.fork()
+    t_plain, loss_plain = run.advance(a.qat_steps)
+    adir = out / "adapters" / f"{method}-r{rank}"
+    run.pm.save_pretrained(adir)
+    fp_acc = accuracy(run.pm, data["test"], st.task)
+    rows = []
+    sld = out / "sld"
+    sld.mkdir(parents=True, exist_ok=True)
+    common = {"method": method, "rank": rank, "omega": omega, "lr": lr, "steps": st.steps, "qat_steps": a.qat_steps,
+              "unquantized_accuracy": fp_acc, "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
+              "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
+    for b in st.bits:
+        p = sld / f"{method}-r{rank}-b{b}-ptq.sld"
+        deltacodec.encode(adir, bits=b, out=p, force=True)
+        rows.append({**common, "arm": "PTQ", "bits": b, "bytes": os.path.getsize(p),
+                     "accuracy": evaluate_file(base, p, data["test"], st, digest), "final_loss": loss_plain,
+                     "phase_seconds": t_plain, "model_accuracy": fp_acc})
+    for b in st.bits:
+        q = snap.fork()
+        qs = enable_qat(q.pm, bits=b, refresh_every=a.refresh_every)
+        t_qat, loss_qat = q.advance(a.qat_steps)
+        p = sld / f"{method}-r{rank}-b{b}-qat.sld"
+        t0 = time.perf_counter()
+        export_sld(q.pm, p, force=True)
+        t_export = time.perf_counter() - t0
+        model_acc = accuracy(q.pm, data["test"], st.task)  # the QAT forward itself, after export
+        acc = evaluate_file(base, p, data["test"], st, digest)
+        rows.append({**common, "arm": "QAT", "bits": b, "bytes": os.path.getsize(p), "accuracy": acc,
+                     "final_loss": loss_qat, "phase_seconds": t_qat, "model_accuracy": model_acc,
+                     "export_seconds": t_export, "refreshes": qs.refreshes})
+    log(f"{method} r={rank}: fp32 {fp_acc:.2f}%; " + ", ".join(
+        f"{r['arm']} {r['bits']}b {r['accuracy']:.2f}% ({r['bytes']} B)" for r in rows)
+        + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "
+        + "/".join(f"{r['phase_seconds'] / a.qat_steps:.3f}" for r in rows if r["arm"] == "QAT"))
+    return rows
+
+
+def bd_rows(points: list[RDPoint], anchor: str) -> list[dict]:
+    kept, _ = monotone_frontier(points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bd_table(kept, anchor=anchor, method=INTERP, errors="warn")
+
+
+def analyse(records: list[dict]) -> dict:
+    """BD tables: per bit width (curve = ranks), QAT vs PTQ per method and SineLoRA vs LoRA
+    under QAT (and under PTQ, for reference)."""
+    def pts(method: str, arm: str, label: str) -> list[RDPoint]:
+        return [RDPoint(label, str(r["bits"]), float(r["bytes"]), r["accuracy"])
+                for r in records if r["method"] == method and r["arm"] == arm]
+
+    res = {}
+    for m in METHODS:
+        res[f"{m}: QAT vs PTQ"] = bd_rows(pts(m, "PTQ", "PTQ") + pts(m, "QAT", "QAT"), "PTQ")
+    for arm in ("QAT", "PTQ"):
+        res[f"{arm}: SineLoRA vs LoRA"] = bd_rows(pts("LoRA", arm, "LoRA") + pts("SineLoRA", arm, "SineLoRA"), "LoRA")
+    return res
+
+
+def print_tables(records: list[dict], bd: dict, st: Settings, a: argparse.Namespace) -> None:
+    print(f"\nQAT vs PTQ, seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
+          f"quantization-aware (refresh every {a.refresh_every}); test accuracy % (bytes)")
+    bits = list(st.bits)
+    print(f"{'method':8s} {'rank':>4s} {'fp32':>6s} " + " ".join(f"{f'PTQ {b}b':>15s} {f'QAT {b}b':>15s}" for b in bits))
+    for m in METHODS:
+        for rank in st.ranks:
+            rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
+            if not rr:
+                continue
+            fp = next(iter(rr.values()))["unquantized_accuracy"]
+            cells = []
+            for b in bits:
+                for arm in ("PTQ", "QAT"):
+                    r = rr[(arm, b)]
+                    cells.append(f"{r['accuracy']:6.2f} ({r['bytes']:>6d})")
+            print(f"{m:8s} {rank:>4d} {fp:6.2f} " + " ".join(cells))
+    print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-acc points")
+    for title, rows in bd.items():
+        print(f"  {title}: " + ("; ".join(f"{r['group']}b {r['bd_rate']:+.2f}% | {r['bd_quality']:+.2f}"
+                                          + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
+    ratios = overhead(records)
+    print("\nQAT phase time per step / plain phase time per step (same process, shared 2-core machine): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+
+
+def overhead(records: list[dict]) -> dict:
+    out = {}
+    for m in METHODS:
+        for b in sorted({r["bits"] for r in records}):
+            q = [r["phase_seconds"] for r in records if r["method"] == m and r["arm"] == "QAT" and r["bits"] == b]
+            p = [r["phase_seconds"] for r in records if r["method"] == m and r["arm"] == "PTQ" and r["bits"] == b]
+            if q and p:
+                out[f"{m} {b}b"] = float(np.sum(q) / np.sum(p))
+    return out
+
+
+def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.set_num_threads(st.threads)
+    torch.manual_seed(st.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    pre_tables, new_tables = make_tables(st.task, st.seed)
+    base_path, base_info = load_or_pretrain_base(st, a.cache_dir, pre_tables)
+    base = load_base(base_path)
+    data = downstream_splits(st.task, st.seed, st.steps * st.batch, st.n_val, st.n_test, new_tables)
+    digest = weights_digest(base)
+    records: list[dict] = []
+    summary = {"settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch,
+                            "ranks": list(st.ranks), "bits": list(st.bits), "qat_steps": a.qat_steps,
+                            "refresh_every": a.refresh_every, "threads": st.threads},
+               "base": {**base_info, "path": str(base_path)}}
+    for rank in st.ranks:
+        for m in METHODS:
+            records += run_cell(base, m, rank, data, st, a, out, digest)
+            summary["measurements"] = records
+            (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
+    summary["bd"] = analyse(records)
+    summary["overhead"] = overhead(records)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
+    with open(out / "rd_qat.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "group", "rate", "quality"])
+        for r in records:
+            w.writerow([f"{r['method']}-{r['arm']}", r["bits"], r["bytes"], f"{r['accuracy']:.4f}"])
+    print_tables(records, summary["bd"], st, a)
+    print(f"\ntotal {summary['total_seconds']:.0f} s; outputs in {out}")
+    return summary
+
+
+def summarize(dirs: list[Path]) -> None:
+    runs = [json.loads((d / "measurements.json").read_text()) for d in dirs]
+    seeds = [r["settings"]["seed"] for r in runs]
+    print(f"BD-rate % | BD-acc points per bit width across seeds {seeds} (mean, spread = max - min)")
+    for title in runs[0]["bd"]:
+        groups = []
+        for r in runs:
+            for row in r["bd"].get(title, []):
+                if row["group"] not in groups:
+                    groups.append(row["group"])
+        for g in groups:
+            vals = []
+            for r in runs:
+                row = next((x for x in r["bd"].get(title, []) if x["group"] == g), None)
+                vals.append(None if row is None else (row["bd_rate"], row["bd_quality"]))
+            ok = [v for v in vals if v]
+            cells = " ".join(f"{v[0]:+8.2f} {v[1]:+7.2f}" if v else f"{'n/a':>16s}" for v in vals)
+            br, bq = np.array([v[0] for v in ok]), np.array([v[1] for v in ok])
+            print(f"  {title:24s} {g}b: {cells}   mean {br.mean():+8.2f} {bq.mean():+7.2f}   "
+                  f"spread {np.ptp(br):7.2f} {np.ptp(bq):6.2f}")
+    for r in runs:
+        print(f"seed {r['settings']['seed']} overhead (QAT/plain step time): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items()))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="rd_experiment's quick task, ranks 2 8, 100 steps")
+    p.add_argument("--ranks", type=int, nargs="+", help="default 1 2 4 8 16")
+    p.add_argument("--bits", type=int, nargs="+", help="default 1 2 3")
+    p.add_argument("--steps", type=int, help="total training steps of every arm (default 500; quick 100)")
+    p.add_argument("--qat-fraction", type=float, default=0.25, help="share of the steps trained with QAT (0.25)")
+    p.add_argument("--refresh-every", type=int, default=1, help="codebook refit period in steps (1)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "out" / "cache")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.summarize:
+        summarize(a.summarize)
+        return 0
+    st = quick_settings(a.seed) if a.quick else Settings(seed=a.seed)
+    st.bits = tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)
+    if a.ranks:
+        st.ranks = tuple(sorted(set(a.ranks)))
+    if a.steps:
+        st.steps = a.steps
+    st.threads = a.threads
+    a.qat_steps = max(1, int(round(st.steps * a.qat_fraction)))
+    a.cache_dir.mkdir(parents=True, exist_ok=True)
+    out = a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"seed{st.seed}{'-quick' if st.quick else ''}"
+    run(st, a, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

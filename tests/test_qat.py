@@ -1,0 +1,326 @@
+"""deltacodec.qat (re-exported by deltacodec.sinelora): quantization-aware training of (sine-)LoRA
+factors with the codec's own quantizer, and an export that decodes to the forward's factors.
+
+Tiny Llama models built from a config (no download); every reference is computed plainly here."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import deltacodec
+from deltacodec.errors import AdapterError, EncodeError, OutputError
+from deltacodec.quantize import quantize
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+sl = pytest.importorskip("deltacodec.sinelora")
+qat = pytest.importorskip("deltacodec.qat")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def peft_model(method: str, base=None, r: int = 4):
+    """B random (init_lora_weights=False) so that ΔW ≠ 0 from the start."""
+    base = tiny_llama() if base is None else copy.deepcopy(base)
+    kw = dict(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(1)
+    if method == "sine":
+        return sl.get_sinelora_model(base, sl.sinelora_config(omega=30.0, **kw))
+    return peft.get_peft_model(base, peft.LoraConfig(**kw))
+
+
+def ids(seed: int = 0, n: int = 3, t: int = 9) -> torch.Tensor:
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_linears(pm):
+    """(name, lora_A module, lora_B module) of every LoRA layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m.lora_A["default"], m.lora_B["default"]) for n, m in pm.named_modules()
+            if isinstance(m, BaseTunerLayer) and "default" in getattr(m, "r", {})]
+
+
+def latent(lin):
+    return lin.parametrizations.weight.original
+
+
+def train_steps(pm, n: int, lr: float = 1e-2):
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    for i in range(n):
+        x = ids(100 + i)
+        loss = pm(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    return opt
+
+
+def nearest_reference(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Each value's nearest codebook entry, a tie to the lower index (argmin takes the first)."""
+    d = np.abs(x.astype(np.float64).reshape(-1, 1) - codebook.astype(np.float64).reshape(1, -1))
+    return codebook[np.argmin(d, axis=1)].reshape(x.shape)
+
+
+METHODS = ["lora", "sine"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reexported_by_sinelora():
+    for name in ("enable_qat", "disable_qat", "refresh_qat", "export_sld"):
+        assert getattr(sl, name) is getattr(qat, name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", [1, 3])
+def test_forward_uses_exactly_quantize_reconstruction(method, bits):
+    pm = peft_model(method)
+    qat.enable_qat(pm, bits=bits)
+    layers = lora_linears(pm)
+    assert len(layers) == 5
+    for name, la, lb in layers:
+        for lin in (la, lb):
+            x = latent(lin).detach().numpy()
+            q = quantize(x, bits)
+            want = q.codebook[q.indices].reshape(x.shape)
+            assert np.array_equal(lin.weight.detach().numpy(), want), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_between_refits_each_value_takes_its_nearest_stored_entry(method):
+    pm = peft_model(method)
+    st = qat.enable_qat(pm, bits=2, refresh_every=1000)
+    _, la, lb = lora_linears(pm)[0]
+    cb_before = la.parametrizations.weight[0].codebook.clone()
+    train_steps(pm, 3)
+    assert st.refreshes == 1  # no refit: the codebook is the one fitted at enable_qat
+    assert torch.equal(la.parametrizations.weight[0].codebook, cb_before)
+    for lin in (la, lb):
+        x = latent(lin).detach().numpy()
+        cb = lin.parametrizations.weight[0].codebook.numpy()
+        assert np.array_equal(lin.weight.detach().numpy(), nearest_reference(x, cb))
+
+
+def test_refit_period_counts_training_forward_calls_only():
+    pm = peft_model("lora")
+    st = qat.enable_qat(pm, bits=2, refresh_every=2)
+    assert st.refreshes == 1
+    train_steps(pm, 5)  # refits before calls 3 and 5
+    assert (st.steps, st.refreshes) == (5, 3)
+    with torch.no_grad():
+        pm(input_ids=ids())  # eval mode: not a step
+    assert st.steps == 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_straight_through_gradient_reaches_the_latent_factors(method):
+    pm = peft_model(method)
+    qat.enable_qat(pm, bits=2)
+    x = ids()
+    pm.train()
+    pm(input_ids=x, labels=x).loss.backward()
+    # Reference: the same model with the quantized values as its plain (leaf) factors; STE means
+    # the latent's gradient is exactly the gradient with respect to the quantized factor.
+    ref = peft_model(method)
+    qf = qat.quantized_factors(pm)
+    with torch.no_grad():
+        for (n, la, lb), (n2, ra, rb) in zip(lora_linears(pm), lora_linears(ref)):
+            assert n == n2
+            ra.weight.copy_(qf[n][0])
+            rb.weight.copy_(qf[n][1])
+    ref.train()
+    ref(input_ids=x, labels=x).loss.backward()
+    for (n, la, lb), (_, ra, rb) in zip(lora_linears(pm), lora_linears(ref)):
+        for lin, r in ((la, ra), (lb, rb)):
+            g = latent(lin).grad
+            assert g is not None and float(g.abs().max()) > 0, n
+            torch.testing.assert_close(g, r.weight.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimizer_built_before_enable_trains_the_latent(method):
+    pm = peft_model(method)
+    _, la, _ = lora_linears(pm)[0]
+    param = la.weight
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    qat.enable_qat(pm, bits=3)
+    assert latent(la) is param
+    before = param.detach().clone()
+    x = ids()
+    pm.train()
+    pm(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    assert not torch.equal(param.detach(), before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disable_restores_the_plain_model(method):
+    pm = peft_model(method)
+    keys = sorted(pm.state_dict())
+    params = [p for p in pm.parameters()]
+    x = ids()
+    with torch.no_grad():
+        y0 = pm(input_ids=x).logits
+    qat.enable_qat(pm, bits=1)
+    with torch.no_grad():
+        yq = pm(input_ids=x).logits
+    assert not torch.equal(yq, y0)  # 1 bit changes the output
+    qat.disable_qat(pm)
+    assert not qat.qat_enabled(pm)
+    with torch.no_grad():
+        y1 = pm(input_ids=x).logits
+    assert torch.equal(y1, y0)
+    assert sorted(pm.state_dict()) == keys
+    assert all(a is b for a, b in zip(pm.parameters(), params))
+    pm.train()
+    pm(input_ids=x)  # the step hook is gone too: no error, no state
+    qat.enable_qat(pm, bits=2)  # and QAT can be turned on again
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_export_decodes_bit_exactly_to_the_qat_forward(method, bits, tmp_path):
+    base = tiny_llama()
+    pm = peft_model(method, base)
+    qat.enable_qat(pm, bits=bits, refresh_every=3)
+    train_steps(pm, 4)
+    path = qat.export_sld(pm, tmp_path / "a.sld")
+    assert path == str(tmp_path / "a.sld")
+    f = deltacodec.load(path)
+    assert f.metadata["method"] == ("sine" if method == "sine" else "lora")
+    qf = qat.quantized_factors(pm)
+    assert sorted(m.name for m in f.modules) == sorted(qf)
+    for m in f.modules:
+        e = m.A
+        assert e.encoding == "codebook" and e.bits == bits
+        A, B = f.dequantize(m.name)
+        assert np.array_equal(A.view(np.uint32), qf[m.name][0].numpy().view(np.uint32)), m.name
+        assert np.array_equal(B.view(np.uint32), qf[m.name][1].numpy().view(np.uint32)), m.name
+    # The same quantization, written independently: quantize() on the final latent factors.
+    for n, la, lb in lora_linears(pm):
+        for lin, got in ((la, qf[n][0]), (lb, qf[n][1])):
+            q = quantize(latent(lin).detach().numpy(), bits)
+            assert np.array_equal(got.numpy(), q.codebook[q.indices].reshape(got.shape))
+    x = ids(7)
+    with torch.no_grad():
+        y = pm(input_ids=x).logits
+    # A plain PEFT model holding the decoded factors computes exactly the QAT forward.
+    plain = peft_model(method, base)
+    with torch.no_grad():
+        for n, la, lb in lora_linears(plain):
+            A, B = f.dequantize(n)
+            la.weight.copy_(torch.from_numpy(A))
+            lb.weight.copy_(torch.from_numpy(B))
+        assert torch.equal(plain(input_ids=x).logits, y)
+    # The bare base patched with the file (ΔW merged into W, float32): the same function up to
+    # float32 rounding of W + ΔW against the unmerged sum (relative ~1e-6 per layer; 1e-4 of
+    # the logits' scale leaves a wide margin).
+    b2 = copy.deepcopy(base)
+    with deltacodec.apply(b2, path, backend="torch"):
+        with torch.no_grad():
+            ya = b2(input_ids=x).logits
+    assert float((ya - y).abs().max()) <= 1e-4 * float(y.abs().max())
+
+
+def test_export_raw_float16_factor_is_exact_too(tmp_path):
+    """A factor of a handful of values is stored as raw float16 by the codec (smaller than a
+    codebook): the export switches that factor's forward pass to float16 rounding."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = torch.nn.Linear(4, 3)
+            self.big = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.big(torch.cat([self.small(x[:, :4]), x[:, 3:]], dim=1))
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Net(), peft.LoraConfig(r=1, lora_alpha=2, target_modules=["small", "big"],
+                                                     init_lora_weights=False))
+    qat.enable_qat(pm, bits=3)
+    path = qat.export_sld(pm, tmp_path / "s.sld")
+    f = deltacodec.load(path)
+    enc = {m.name.split(".")[-1]: (m.A.encoding, m.B.encoding) for m in f.modules}
+    assert enc["small"] == ("raw", "raw") and enc["big"] == ("codebook", "codebook")
+    qf = qat.quantized_factors(pm)
+    for m in f.modules:
+        A, B = f.dequantize(m.name)
+        assert np.array_equal(A, qf[m.name][0].numpy()) and np.array_equal(B, qf[m.name][1].numpy())
+    small = dict(pm.named_modules())["base_model.model.small"].lora_A["default"]
+    x16 = latent(small).detach().to(torch.float16).to(torch.float32)
+    assert torch.equal(small.weight.detach(), x16)
+
+
+def test_export_refuses_an_existing_file_without_force(tmp_path):
+    pm = peft_model("lora")
+    qat.enable_qat(pm, bits=2)
+    p = tmp_path / "a.sld"
+    p.write_bytes(b"keep")
+    with pytest.raises(OutputError):
+        qat.export_sld(pm, p)
+    assert p.read_bytes() == b"keep"
+    qat.export_sld(pm, p, force=True)
+    assert deltacodec.load(p).modules
+
+
+def test_model_without_lora_layers_is_a_library_error():
+    with pytest.raises(AdapterError, match="no LoRA layers"):
+        qat.enable_qat(tiny_llama(), bits=3)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, -1, True, 2.0, "3"])
+def test_bits_out_of_range(bits):
+    pm = peft_model("lora")
+    with pytest.raises(EncodeError, match="bits"):
+        qat.enable_qat(pm, bits=bits)
+    assert not qat.qat_enabled(pm)
+
+
+@pytest.mark.parametrize("kw", [{"quantizer": "ecsq"}, {"refresh_every": 0}, {"refresh_every": 1.5}])
+def test_bad_options(kw):
+    with pytest.raises(EncodeError):
+        qat.enable_qat(peft_model("sine"), bits=2, **kw)
+
+
+def test_state_errors(tmp_path):
+    pm = peft_model("lora")
+    with pytest.raises(EncodeError, match="not enabled"):
+        qat.export_sld(pm, tmp_path / "x.sld")
+    with pytest.raises(EncodeError, match="not enabled"):
+        qat.disable_qat(pm)
+    qat.enable_qat(pm, bits=2)
+    with pytest.raises(EncodeError, match="already enabled"):
+        qat.enable_qat(pm, bits=3)
+    assert not os.path.exists(tmp_path / "x.sld")
+
+
+def test_half_precision_factors_are_refused():
+    pm = peft_model("lora").to(torch.bfloat16)
+    with pytest.raises(AdapterError, match="float32"):
+        qat.enable_qat(pm, bits=2)
+
+
+def test_two_adapters_need_a_name():
+    pm = peft_model("lora")
+    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(AdapterError, match="several adapters"):
+        qat.enable_qat(pm, bits=2)
+    st = qat.enable_qat(pm, bits=2, adapter_name="other")
+    assert len(st.layers) == 1
