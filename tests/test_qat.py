@@ -324,3 +324,31 @@ def test_two_adapters_need_a_name():
         qat.enable_qat(pm, bits=2)
     st = qat.enable_qat(pm, bits=2, adapter_name="other")
     assert len(st.layers) == 1
+
+
+@pytest.mark.slow
+def test_rd_qat_quick_run(tmp_path):
+    """benchmarks/rd_qat.py end to end on a small grid: every arm writes its point, and each QAT
+    file patched onto the base scores exactly what the QAT model itself scores."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("bjontegaard")
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rdq"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rd_qat.py", "--quick", "--ranks", "2", "--bits", "1", "2", "--steps", "40",
+         "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=repo, capture_output=True, text=True, timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "measurements.json").read_text())["measurements"]
+    assert sorted((r["method"], r["arm"], r["bits"]) for r in rows) == sorted(
+        (m, a, b) for m in ("LoRA", "SineLoRA") for a in ("PTQ", "QAT") for b in (1, 2))
+    for r in rows:
+        if r["arm"] == "QAT":
+            assert r["accuracy"] == r["model_accuracy"]
+            assert r["qat_steps"] == 10 and r["steps"] == 40
+    assert (out / "rd_qat.csv").read_text().startswith("method,group,rate,quality")
