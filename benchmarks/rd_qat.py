@@ -87,6 +87,7 @@ class Run:
         self.params = [p for p in pm.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.step = 0
+        self.decay_from: int | None = None  # --decay-last: the last phase's rate falls linearly to 0
 
     def batch(self, step: int) -> torch.Tensor:
         n = len(self.order) - len(self.order) % self.st.batch
@@ -100,8 +101,11 @@ class Run:
         loss = torch.tensor(float("nan"))
         t0 = time.perf_counter()
         for _ in range(n):
+            mult = lr_schedule(self.step, self.st.steps, max(1, self.st.steps // 20), decay=False)
+            if self.decay_from is not None and self.step >= self.decay_from:  # linear to 0 at the end
+                mult *= (self.st.steps - self.step) / max(1, self.st.steps - self.decay_from)
             for g in self.opt.param_groups:
-                g["lr"] = self.lr * lr_schedule(self.step, self.st.steps, max(1, self.st.steps // 20), decay=False)
+                g["lr"] = self.lr * mult
             loss = answer_loss(self.pm, self.batch(self.step), self.st.task)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,6 +120,7 @@ class Run:
         twin = Run(copy.deepcopy(self.pm), self.lr, self.st, self.train, self.order)
         twin.opt.load_state_dict(self.opt.state_dict())  # params in the same order
         twin.step = self.step
+        twin.decay_from = self.decay_from
         return twin
 
 
@@ -141,6 +146,8 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(st.seed))
     run = Run(pm, lr, st, data["train"], order)
     switch = st.steps - a.qat_steps
+    if a.decay_last:
+        run.decay_from = switch
     t_pre, _ = run.advance(switch)
     snap = run.fork()
     t_plain, loss_plain = run.advance(a.qat_steps)
@@ -256,7 +263,8 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
     records: list[dict] = []
     summary = {"settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch,
                             "ranks": list(st.ranks), "bits": list(st.bits), "qat_steps": a.qat_steps,
-                            "refresh_every": a.refresh_every, "threads": st.threads},
+                            "refresh_every": a.refresh_every, "threads": st.threads,
+                            "decay_last": a.decay_last},
                "base": {**base_info, "path": str(base_path)}}
     for rank in st.ranks:
         for m in METHODS:
@@ -312,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="total training steps of every arm (default 500; quick 100)")
     p.add_argument("--qat-fraction", type=float, default=0.25, help="share of the steps trained with QAT (0.25)")
     p.add_argument("--refresh-every", type=int, default=1, help="codebook refit period in steps (1)")
+    p.add_argument("--decay-last", action="store_true",
+                   help="both arms: the learning rate falls linearly to 0 over the last (QAT) phase instead of staying constant")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "out" / "cache")
     p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT")
