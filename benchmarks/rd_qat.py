@@ -186,6 +186,43 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
     return rows
 
 
+def measure_overhead(base, data: dict, st: Settings, a: argparse.Namespace) -> list[dict]:
+    """Step time of QAT against plain training, robust to a machine whose load drifts: per
+    (method, rank, refit period) a plain and a QAT copy of the same adapter train alternately in
+    blocks of 5 steps; the ratio of the median block times is reported."""
+    from peft import get_peft_model
+
+    from deltacodec.sinelora import enable_qat, get_sinelora_model
+
+    rows = []
+    for rank in st.ranks:
+        for m in METHODS:
+            omega, lr = hyper(m, rank, st.quick)
+            torch.manual_seed(st.seed * 1000 + rank)
+            cfg = adapter_config(m, rank, omega, st)
+            model = copy.deepcopy(base)
+            pm = get_peft_model(model, cfg) if m == "LoRA" else get_sinelora_model(model, cfg)
+            order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(st.seed))
+            plain = Run(pm, lr, st, data["train"], order)
+            plain.advance(st.steps // 20)  # past the warmup
+            for period in a.overhead_periods:
+                for b in st.bits:
+                    q = plain.fork()
+                    enable_qat(q.pm, bits=b, refresh_every=period)
+                    p_fork = plain.fork()
+                    tp, tq = [], []
+                    for _ in range(a.overhead_blocks):
+                        tp.append(p_fork.advance(5)[0])
+                        tq.append(q.advance(5)[0])
+                    ratio = float(np.median(tq) / np.median(tp))
+                    rows.append({"method": m, "rank": rank, "bits": b, "refresh_every": period,
+                                 "plain_step_s": float(np.median(tp)) / 5, "qat_step_s": float(np.median(tq)) / 5,
+                                 "ratio": ratio})
+                    log(f"overhead {m} r={rank} {b}b refit every {period}: plain {np.median(tp) / 5:.4f} s/step, "
+                        f"QAT {np.median(tq) / 5:.4f} s/step, ratio {ratio:.2f}")
+    return rows
+
+
 def bd_rows(points: list[RDPoint], anchor: str) -> list[dict]:
     kept, _ = monotone_frontier(points)
     with warnings.catch_warnings():
@@ -260,6 +297,15 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
     base = load_base(base_path)
     data = downstream_splits(st.task, st.seed, st.steps * st.batch, st.n_val, st.n_test, new_tables)
     digest = weights_digest(base)
+    if a.overhead:
+        rows = measure_overhead(base, data, st, a)
+        (out / "overhead.json").write_text(json.dumps({"settings": {"seed": st.seed, "threads": st.threads,
+                                                                    "blocks": a.overhead_blocks}, "rows": rows}, indent=1))
+        print(f"{'method':8s} {'rank':>4s} {'bits':>4s} {'refit':>5s} {'plain s':>8s} {'QAT s':>8s} {'ratio':>6s}")
+        for r in rows:
+            print(f"{r['method']:8s} {r['rank']:>4d} {r['bits']:>4d} {r['refresh_every']:>5d} {r['plain_step_s']:>8.4f} "
+                  f"{r['qat_step_s']:>8.4f} {r['ratio']:>6.2f}")
+        return {"overhead": rows}
     records: list[dict] = []
     summary = {"settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch,
                             "ranks": list(st.ranks), "bits": list(st.bits), "qat_steps": a.qat_steps,
@@ -322,6 +368,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refresh-every", type=int, default=1, help="codebook refit period in steps (1)")
     p.add_argument("--decay-last", action="store_true",
                    help="both arms: the learning rate falls linearly to 0 over the last (QAT) phase instead of staying constant")
+    p.add_argument("--overhead", action="store_true",
+                   help="only measure QAT/plain step time (alternating blocks of 5 steps) -> OUT/overhead.json")
+    p.add_argument("--overhead-periods", type=int, nargs="+", default=[1, 10], help="refit periods timed (1 10)")
+    p.add_argument("--overhead-blocks", type=int, default=8, help="blocks of 5 steps per arm (8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "out" / "cache")
     p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT")
