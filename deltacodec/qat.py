@@ -15,10 +15,12 @@ Schedule (why this one):
   task loss sees the quantizer's real output at every step, and a latent that the optimizer
   moves within a cell costs nothing;
 * the **codebook** is refitted (k-means on the detached latent factor, the codec's own
-  quantizer) every ``refresh_every`` training-mode forward calls of the model, and once more by
-  :func:`export_sld`. Refitting is the expensive part (a 1-D k-means per factor, in numpy), and
-  a codebook changes slowly once training has settled; between refits the codebook is fixed, so
-  the forward pass is a plain nearest-neighbour lookup. Just after a refit Q(x) equals
+  quantizer) every ``refresh_every`` training-mode forward calls of the model (default: every
+  call), and once more by :func:`export_sld`; between refits it is fixed and the forward pass is
+  a nearest-neighbour lookup. Refitting is the expensive part (a 1-D k-means per factor, in
+  numpy: QAT steps took 1.6-2.1x a plain step on the tiny models of benchmarks/rd_qat.py), but a stale
+  codebook costs accuracy: refitting every 10 steps instead of every step made QAT worse than
+  post-training quantization there (benchmarks/README.md, "QAT"). Just after a refit Q(x) equals
   ``quantize(x, bits).codebook[indices]`` exactly, because ``quantize`` itself returns the
   nearest-entry assignment to its stored codebook.
 
@@ -193,7 +195,7 @@ def enable_qat(
     bits: int = 3,
     *,
     quantizer: str = "kmeans",
-    refresh_every: int = 10,
+    refresh_every: int = 1,
     adapter_name: str | None = None,
 ) -> QatState:
     """Train ``model``'s LoRA adapter for the codec at ``bits`` from now on.
