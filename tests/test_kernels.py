@@ -36,6 +36,7 @@ from deltacodec.kernels import (  # noqa: E402
     delta_add_triton,
     delta_coefficient,
     dequantize_torch,
+    finite_by_bound,
     launch_specialisations,
     rank_block,
     select_backend,
@@ -136,7 +137,9 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
       bound takes the sum of both forms' terms.  sin is
       1-Lipschitz, so sin(omega*x) amplifies an absolute error in x by up to omega; plus
       SIN_ULPS*u for the sin implementation; times |c|, plus u*|c| for rounding c*s (|s| <= 1).
-    * plain: d = fl(c*x): |d - D| <= |c|*g*S + u*|c|*(|X| + g*S).
+    * plain: d = fl(c*x): |d - D| <= |c|*g*S + u*|c|*(|X| + g*S); or, with c folded into the
+      thin factor (a BLAS addmm with alpha=c, the proven fp32 path), x' = fl(c*b) @ a:
+      |x' - c*X| <= |c|*g*S*(1 + u) + u*|c|*S.  The bound takes the sum of both forms' terms.
     * t = fl(w + d): adds u*|t| with |t| <= T = (|W0 + D| + err_d)*(1 + u); for fp16/bf16 the
       single rounding of t to W's dtype adds half an ulp of that dtype at T.
     * A last term covers the float64 reference's own roundings (omega*X, sin, c*sin, W0 + D).
@@ -147,7 +150,7 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
         err_y = omega32 * g * S + U32 * omega32 * (absX + g * S) + U32 * omega32 * S * (1 + g)
         err_d = abs(c) * (err_y + SIN_ULPS * U32) + U32 * abs(c)
     else:
-        err_d = abs(c) * g * S + U32 * abs(c) * (absX + g * S)
+        err_d = abs(c) * g * S + U32 * abs(c) * (absX + g * S) + abs(c) * S * (g * U32 + U32)
     T = (np.abs(W0 + D) + err_d) * (1 + U32)
     bound = err_d + U32 * T
     if dtype != torch.float32:
@@ -279,8 +282,12 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=_case_id)
-@pytest.mark.parametrize("chunk_elements", [None, 3000], ids=["default-chunks", "small-chunks"])
-def test_delta_add_torch_matches_float64_reference(case, chunk_elements):
+@pytest.mark.parametrize(
+    "chunk_elements, proven",
+    [(None, False), (3000, False), (None, True), (3000, True)],
+    ids=["default-chunks", "small-chunks", "proven", "proven-small-chunks"],
+)
+def test_delta_add_torch_matches_float64_reference(case, chunk_elements, proven):
     out_f, in_f, rank, a_spec, b_spec, dtype, fifo, sine, omega = case
     W, A, B, a, b, params = make_problem(
         11, out_f=out_f, in_f=in_f, rank=rank, a_spec=a_spec, b_spec=b_spec,
@@ -288,7 +295,10 @@ def test_delta_add_torch_matches_float64_reference(case, chunk_elements):
     )
     expected, E, D = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=fifo, dtype=dtype)
     W0 = W.clone()
-    delta_add_torch(W, A, B, fan_in_fan_out=fifo, chunk_elements=chunk_elements, **params)
+    if proven:  # ordinary weights: the bound proves every sum finite, so the fast path is taken
+        pp = {k: v for k, v in params.items() if k != "omega"}
+        assert finite_by_bound(W, A, B, fan_in_fan_out=fifo, **pp)
+    delta_add_torch(W, A, B, fan_in_fan_out=fifo, chunk_elements=chunk_elements, proven=proven, **params)
     assert W.dtype == dtype and W.shape == W0.shape
     assert_within(as_f64(W), expected, E, "torch backend vs float64")
     # The bound is tight enough to catch a wrong element, and the delta actually moved W.
@@ -451,6 +461,43 @@ def test_torch_backend_chunks_near_the_top_of_the_range_are_checked_exactly_and_
     # One reduction per chunk over W's rows; a second, over the sums, in the two exact chunks.
     assert len(calls) == 4 + 2
     assert_within(as_f64(W), expected, E, "exact and proven chunks vs float64")
+
+
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_finite_by_bound_proves_ordinary_weights_and_nothing_near_the_top_of_the_range(dtype):
+    plain = dict(scale=1.0, gamma=1.0, sine=False, fan_in_fan_out=False)
+    top = float(torch.finfo(dtype).max)
+    # |ΔW| <= |c| * max_i sum_k |B_ik| * max |A| = 3; the proof keeps 2% of the range as its
+    # margin: W at 90% of the largest value is proven, at 99% it is not (though W + ΔW is finite).
+    B = _column([3.0, -1.0])
+    for w, proven in [(1.0, True), (0.9 * top, True), (0.99 * top, False), (-0.99 * top, False),
+                      (math.inf, False), (math.nan, False)]:
+        W = torch.tensor([[1.0, 1.0], [1.0, w]]).to(dtype)
+        assert finite_by_bound(W, ONES_1x2, B, **plain) is proven, w
+    # Sine: |ΔW| <= |c| = |scale / gamma| whatever the factors; a huge c proves nothing.
+    sine = dict(plain, sine=True)
+    W = torch.ones(2, 2, dtype=dtype)
+    assert finite_by_bound(W, ONES_1x2, _column([6e4, 6e4]), **sine)
+    assert not finite_by_bound(W, ONES_1x2, B, **{**sine, "scale": 0.99 * top})
+    # A non-finite bound (a codebook entry of inf, element 0 of A) proves nothing.
+    cb = torch.tensor([math.inf, 1.0])
+    A_inf = PackedFactor(torch.tensor([2], dtype=torch.uint8), cb, 1, 1, (1, 2))  # indices 0, 1
+    assert not finite_by_bound(W, A_inf, B, **plain)
+
+
+def test_proven_fast_path_takes_no_reduction_over_w(monkeypatch):
+    calls = []
+    real = kernels_module._largest_magnitude
+    monkeypatch.setattr(kernels_module, "_largest_magnitude", lambda x: calls.append(x.shape) or real(x))
+    for dtype, sine in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]:
+        W, A, B, a, b, params = make_problem(
+            5, out_f=40, in_f=24, rank=4, a_spec=(3, 3), b_spec=(4, 4),
+            dtype=dtype, fan_in_fan_out=True, sine=sine, omega=50.0,
+        )
+        expected, E, _ = expected_and_bound(W, a, b, params=params, rank=4, fan_in_fan_out=True, dtype=dtype)
+        delta_add_torch(W, A, B, fan_in_fan_out=True, chunk_elements=240, proven=True, **params)
+        assert_within(as_f64(W), expected, E, f"proven {dtype} sine={sine}")
+    assert calls == []
 
 
 @needs_triton
