@@ -279,7 +279,7 @@ def finite_by_bound(
         bound = abs(c)
     else:  # the factors are small (rank x features): dequantized on the CPU
         bound = _delta_bound(dequantize_torch(B, "cpu"), dequantize_torch(A, "cpu"), c, False)
-    return _largest_magnitude(W) <= _room_for_w(W.dtype, bound)  # NaN on either side: False
+    return _largest_magnitude(W.detach()) <= _room_for_w(W.dtype, bound)  # NaN on either side: False
 
 
 # --------------------------------------------------------------------------------------------
