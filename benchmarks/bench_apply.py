@@ -10,7 +10,9 @@ Three CPU tables, all measured in one run (best of ``--repeat`` after one warm-u
 2. **one module**: ``deltacodec.apply(model, file, keep_original=...)`` on a one-layer model
    whose weight is ``--out`` x ``--in`` (default 4096 x 4096, rank 16, 3-bit), plain LoRA and
    sine-LoRA, keep_original False and True. The floor, measured alongside on the same W with the
-   factors already dequantized: plain ``W.addmm_(B, A, alpha=scale)`` (in W's dtype); sine
+   factors already dequantized: plain ``W.addmm_(B, A, alpha=scale)`` for a float32 W, the fp32
+   product ``torch.matmul(B, A, out=buf)`` for bf16/fp16 (the sum is formed in fp32; a bf16
+   ``W.addmm_`` on factors rounded to bf16 is printed beside it for reference); sine
    ``torch.matmul(B, A, out=buf)`` + ``buf.sin_()`` on a preallocated fp32 buffer of W's size
    (any implementation must at least form B @ A and its sine). ``apply/floor`` is the ratio;
    the ``proof`` and ``kernel`` columns split apply's time into the overflow proof (one
@@ -169,9 +171,27 @@ def floor_ms(f: deltacodec.SldFile, model: torch.nn.Module, sine: bool, repeat: 
             buf = torch.empty(W.shape, dtype=torch.float32)
             total += best_ms(lambda: torch.matmul(b, a, out=buf).sin_(), repeat)
             del buf
-        else:
-            a, b = a.to(W.dtype), b.to(W.dtype)
+        elif W.dtype == torch.float32:
             total += best_ms(lambda: W.addmm_(b, a, alpha=SCALE), repeat)
+        else:
+            # The documented arithmetic is fp32 (exact factors, fp32 sum, one rounding): its
+            # floor is the fp32 product. W.addmm_ in bf16/fp16 rounds the factors to W's dtype
+            # and is not a fair floor; low_precision_addmm_ms reports it for reference.
+            buf = torch.empty(W.shape, dtype=torch.float32)
+            total += best_ms(lambda: torch.matmul(b, a, out=buf), repeat)
+            del buf
+    return total
+
+
+def low_precision_addmm_ms(f: deltacodec.SldFile, model: torch.nn.Module, repeat: int) -> float:
+    """W.addmm_(B, A) with the factors rounded to W's dtype: what a bf16/fp16 user might call
+    the floor, though it changes the factors' values."""
+    total = 0.0
+    for m in f.modules:
+        W = model.get_submodule(m.name).weight.data
+        a = dequantize_torch(packed_factor(f, m.A, "cpu")).to(W.dtype)
+        b = dequantize_torch(packed_factor(f, m.B, "cpu")).to(W.dtype)
+        total += best_ms(lambda: W.addmm_(b, a, alpha=SCALE), repeat)
     return total
 
 
@@ -198,6 +218,9 @@ def bench_apply(shapes, rank: int, dtype: torch.dtype, repeat: int, tmp: str) ->
         f = deltacodec.load(path)
         floor = floor_ms(f, model, sine, repeat)
         proof, kernel = parts_ms(f, model, repeat)
+        if not sine and dtype != torch.float32:
+            print(f"  (plain: W.addmm_ in {dtype} with the factors rounded to it: "
+                  f"{low_precision_addmm_ms(f, model, repeat):.1f} ms over {len(f.modules)} module(s))")
         for keep in (False, True):
             handles: list = []
 

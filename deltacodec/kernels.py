@@ -24,8 +24,9 @@ evaluated with one fused multiply-add (the torch backend's ``add_(alpha=c)`` may
 The torch backend forms ``y`` as ``(omega' * b) @ a``: folding omega into the rank-r factor
 saves a pass over every chunk of W, and costs one extra rounding per element of ``b``, which
 moves ``y`` by at most ``u * omega * (|b| @ |a|)``, the size of the matmul's own rounding.
-Plain LoRA on a float32 ``W`` whose sums are proven finite is one ``W.addmm_(b, a, alpha=c)``;
-BLAS may fold ``c`` into ``b`` there (one more rounding per element of ``b``, the same size).
+The torch backend forms plain LoRA's sum with ``addmm_(b, a, alpha=c)`` (into W itself when W
+is float32); BLAS may fold ``c`` into ``b`` there (MKL does: one more rounding per element of
+``b``, of the same size as above).
 
 Backends
 --------
@@ -395,10 +396,13 @@ def delta_add_torch(
 ) -> None:
     """Reference backend: ``W += delta`` in place, on W's device (see the module docstring).
 
-    W is processed in chunks of whole rows.  Per chunk: ``matmul(..., out=buf)`` into one
-    pre-allocated fp32 buffer, ``buf.sin_()`` (sine only; omega is folded into B), then the fp32
-    sum with W and one rounding to W's dtype.  Peak extra memory is one chunk
-    (``chunk_elements`` fp32 values) plus the dequantized factors, whatever the size of W.
+    W is processed in chunks of whole rows.  Per chunk: sine: ``matmul(..., out=buf)`` into a
+    pre-allocated fp32 buffer and ``buf.sin_()`` (omega is folded into B), then the fp32 sum
+    ``W + c·buf``; plain: the fp32 sum by ``addmm_(left, right, alpha=c)`` (BLAS may fold ``c``
+    into ``left``: see the module docstring).  A float32 W holds its own sum; otherwise the sum
+    is formed in a second fp32 buffer from W widened exactly, and copied back with one rounding
+    to W's dtype.  Peak extra memory is two chunks (``chunk_elements`` fp32 values each) plus
+    the dequantized factors, whatever the size of W.
 
     Overflow: no chunk is written unless its sum is finite in W's dtype.  A bound on |ΔW| from
     the factors alone (|sin| <= 1; |x_ij| <= sum_k |left_ik| * max |right|) and one reduction
@@ -414,8 +418,7 @@ def delta_add_torch(
     ``proven=True``: the caller has established with :func:`finite_by_bound` on this W and these
     factors that every sum is finite; the per-chunk checks are skipped (one reduction over W
     less), and plain LoRA on a float32 W is one in-place ``W.addmm_(left, right, alpha=c)``, no
-    buffer at all.  BLAS may fold ``c`` into the thin factor there (MKL does): one extra rounding
-    per element of ``c·left``, of the size of the matmul's own rounding, as for omega.
+    buffer at all.
     """
     _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
@@ -440,32 +443,43 @@ def delta_add_torch(
     if chunk_elements is None:
         chunk_elements = _CHUNK_ELEMENTS.get(W.device.type, 1 << 20)
     chunk_rows = max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
-    buf = torch.empty((chunk_rows, n_cols), dtype=torch.float32, device=W.device)
+    # Every op below works on one dtype: mixed-dtype elementwise ops (bf16 + fp32) are not
+    # vectorised on CPU and cost 5-10x a widening copy_ followed by an fp32 op.
+    shape = (chunk_rows, n_cols)
+    dbuf = torch.empty(shape, dtype=torch.float32, device=W.device) if sine else None  # sin(omega x)
+    sbuf: torch.Tensor | None = None  # the fp32 sum W + c·d, made when W cannot hold it itself
     limit = OVERFLOW_AT[W.dtype]
     room = math.inf if proven else _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
     largest: float | None = None  # set once a chunk overflows: max |W + ΔW| from there on
     for r0 in range(0, n_rows, chunk_rows):
         r1 = min(n_rows, r0 + chunk_rows)
-        d = buf[: r1 - r0]
-        torch.matmul(left[r0:r1], right, out=d)
-        if sine:
-            d.sin_()
         w = W[r0:r1]
-        if proven or (largest is None and _largest_magnitude(w) <= room):  # NaN/inf in w: not <= room
-            if W.dtype == torch.float32:
+        if sine:
+            d = torch.matmul(left[r0:r1], right, out=dbuf[: r1 - r0])
+            d.sin_()
+        safe = proven or (largest is None and _largest_magnitude(w) <= room)  # NaN/inf in w: not <= room
+        if safe and W.dtype == torch.float32:
+            if sine:
                 w.add_(d, alpha=c)
             else:
-                torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
-                w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+                w.addmm_(left[r0:r1], right, alpha=c)
             continue
-        # Exact path: the fp32 sum aside, checked before W is written.  Rounding to W's dtype
-        # overflows exactly when |sum| >= limit.
-        torch.add(w, d, alpha=c, out=d)
-        m = _largest_magnitude(d)
-        if largest is not None or not m < limit:
-            largest = _max_nan(largest, m)
-            continue
-        w.copy_(d)
+        # The fp32 sum aside: W widened exactly, the delta added, then (after the check on the
+        # exact path) the one rounding to W's dtype (round to nearest even) as it is copied back.
+        if sbuf is None:
+            sbuf = torch.empty(shape, dtype=torch.float32, device=W.device)
+        t = sbuf[: r1 - r0]
+        t.copy_(w)
+        if sine:
+            t.add_(d, alpha=c)
+        else:
+            t.addmm_(left[r0:r1], right, alpha=c)
+        if not safe:  # rounding to W's dtype overflows exactly when |sum| >= limit
+            m = _largest_magnitude(t)
+            if largest is not None or not m < limit:
+                largest = _max_nan(largest, m)
+                continue
+        w.copy_(t)
     if largest is not None:
         raise overflow_error(name, W.dtype, largest)
 
