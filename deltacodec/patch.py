@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -197,11 +198,25 @@ def _model_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     return named
 
 
+def _kernel_shape(e: ModuleEntry) -> tuple[int, ...] | None:
+    """A conv module's weight shape (out, in, kh, ...) when the container records one (kohya
+    conv LoRA: A is r × in·kh·kw, ΔW is B@A reshaped to it); None for a linear module."""
+    ws = getattr(e, "weight_shape", None)
+    return tuple(int(n) for n in ws) if ws else None
+
+
 def _weight_problem(e: ModuleEntry, key: str, w: "torch.Tensor") -> str | None:
     """Why the tensor ``key`` cannot take module ``e``'s delta (None if it can)."""
-    if not w.dtype.is_floating_point or w.dim() != 2:
+    ws = _kernel_shape(e)
+    if ws is not None:
+        if not w.dtype.is_floating_point or tuple(w.shape) != ws:
+            return f"{e.name}: '{key}' is a {w.dtype} {list(w.shape)} tensor, the file needs a float weight of shape {list(ws)}"
+        if e.fan_in_fan_out or ws[0] != e.out_features or math.prod(ws[1:]) != e.in_features:
+            return (f"{e.name}: the file's kernel shape {list(ws)} does not match its factors "
+                    f"(out {e.out_features}, in·kernel {e.in_features}, fan_in_fan_out {e.fan_in_fan_out})")
+    elif not w.dtype.is_floating_point or w.dim() != 2:
         return f"{e.name}: '{key}' is a {w.dim()}-D {w.dtype} tensor, expected a 2-D float weight"
-    want = (e.in_features, e.out_features) if e.fan_in_fan_out else (e.out_features, e.in_features)
+    want = ws or ((e.in_features, e.out_features) if e.fan_in_fan_out else (e.out_features, e.in_features))
     if tuple(w.shape) != want:
         layout = "in×out (fan_in_fan_out)" if e.fan_in_fan_out else "out×in"
         return f"{e.name}: weight '{key}' is {list(w.shape)}, the file needs {list(want)} ({layout})"
@@ -564,13 +579,25 @@ def _write_plan(f: SldFile, targets: list[_Target], keep_original: bool, backend
         e = t.entry
         try:
             proven = kernels.finite_by_bound(
-                t.weight, t.A, t.B, scale=e.scale, gamma=e.gamma if e.sine else 1.0, sine=e.sine,
+                _as_matrix(t.weight, e), t.A, t.B, scale=e.scale, gamma=e.gamma if e.sine else 1.0, sine=e.sine,
                 fan_in_fan_out=e.fan_in_fan_out, name=f"module '{e.name}' (weight '{t.key}')",
             )
         except ApplyError as exc:
             raise ApplyError(f"{f.path}: {exc}; no weight was changed") from None
         (uncopied if proven else cloned).append(t)
     return cloned, uncopied
+
+
+def _as_matrix(w: "torch.Tensor", e: ModuleEntry) -> "torch.Tensor":
+    """The 2-D weight the kernels patch: ``w`` itself for a linear module; for a conv module the
+    (out, in·kh·kw) view of its kernel (the layout B@A has), or a contiguous copy when the
+    kernel's memory layout has no such view (channels_last): then the caller copies it back."""
+    if _kernel_shape(e) is None:
+        return w
+    try:
+        return w.view(w.shape[0], -1)
+    except RuntimeError:
+        return w.contiguous().view(w.shape[0], -1)
 
 
 class _interrupts_deferred:
@@ -811,12 +838,15 @@ def apply(
 
     def patch(t: _Target, proven: bool) -> None:
         e = t.entry
+        w = _as_matrix(t.weight, e)
         backends[e.name] = kernels.delta_add(
-            t.weight, t.A, t.B,
+            w, t.A, t.B,
             scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,
             sine=e.sine, fan_in_fan_out=e.fan_in_fan_out, backend=backend,
             name=f"module '{e.name}' (weight '{t.key}')", proven=proven,
         )
+        if w.data_ptr() != t.weight.data_ptr():  # a conv kernel patched through a contiguous copy
+            t.weight.copy_(w.view(t.weight.shape))
         written.append(t.weight)
         done.append(e.name)
 
