@@ -160,52 +160,72 @@ def build_model(shapes: list[tuple[str, int, int]], dtype: torch.dtype) -> torch
     return root
 
 
-def floor_ms(f: deltacodec.SldFile, model: torch.nn.Module, sine: bool, repeat: int) -> float:
-    """Sum over the file's modules of the per-module floor (see the module docstring)."""
-    total = 0.0
+def interleaved_best(fns: dict[str, tuple], repeat: int) -> dict[str, float]:
+    """Best-of-`repeat` ms of each (fn, setup) in `fns`, the functions taking turns round by round
+    (one warm-up each first), so a change in the machine's load hits all of them alike. setup()
+    runs untimed before each call."""
+    best = {name: float("inf") for name in fns}
+    for rnd in range(repeat + 1):
+        for name, (fn, setup) in fns.items():
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                best[name] = min(best[name], 1e3 * (time.perf_counter() - t0))
+    return best
+
+
+def floor_fn(f: deltacodec.SldFile, model: torch.nn.Module, sine: bool, low_precision: bool = False):
+    """The floor over the file's modules (see the module docstring), as one function."""
+    ops = []
+    buf = None
     for m in f.modules:
         W = model.get_submodule(m.name).weight.data
         a = dequantize_torch(packed_factor(f, m.A, "cpu"))
         b = dequantize_torch(packed_factor(f, m.B, "cpu"))
-        if sine:
-            buf = torch.empty(W.shape, dtype=torch.float32)
-            total += best_ms(lambda: torch.matmul(b, a, out=buf).sin_(), repeat)
-            del buf
-        elif W.dtype == torch.float32:
-            total += best_ms(lambda: W.addmm_(b, a, alpha=SCALE), repeat)
+        if low_precision:
+            # W.addmm_ in W's dtype on factors rounded to it: what a bf16/fp16 user might call the
+            # floor, though it changes the factors' values (printed for reference only).
+            ops.append((W.addmm_, (b.to(W.dtype), a.to(W.dtype))))
+        elif sine or W.dtype != torch.float32:
+            # sine: the product and its sine; bf16/fp16 plain: the documented arithmetic is fp32
+            # (exact factors, fp32 sum, one rounding), so its floor is the fp32 product.
+            if buf is None or buf.numel() < W.numel():
+                buf = torch.empty(W.numel(), dtype=torch.float32)
+            out = buf[: W.numel()].view(W.shape)
+            ops.append(((lambda b, a, out: torch.matmul(b, a, out=out).sin_()) if sine
+                        else (lambda b, a, out: torch.matmul(b, a, out=out)), (b, a, out)))
         else:
-            # The documented arithmetic is fp32 (exact factors, fp32 sum, one rounding): its
-            # floor is the fp32 product. W.addmm_ in bf16/fp16 rounds the factors to W's dtype
-            # and is not a fair floor; low_precision_addmm_ms reports it for reference.
-            buf = torch.empty(W.shape, dtype=torch.float32)
-            total += best_ms(lambda: torch.matmul(b, a, out=buf), repeat)
-            del buf
-    return total
+            ops.append((W.addmm_, (b, a)))
+
+    def run() -> None:
+        for op, args in ops:
+            if op.__name__ == "addmm_":
+                op(*args, alpha=SCALE)
+            else:
+                op(*args)
+
+    return run
 
 
-def low_precision_addmm_ms(f: deltacodec.SldFile, model: torch.nn.Module, repeat: int) -> float:
-    """W.addmm_(B, A) with the factors rounded to W's dtype: what a bf16/fp16 user might call
-    the floor, though it changes the factors' values."""
-    total = 0.0
-    for m in f.modules:
-        W = model.get_submodule(m.name).weight.data
-        a = dequantize_torch(packed_factor(f, m.A, "cpu")).to(W.dtype)
-        b = dequantize_torch(packed_factor(f, m.B, "cpu")).to(W.dtype)
-        total += best_ms(lambda: W.addmm_(b, a, alpha=SCALE), repeat)
-    return total
-
-
-def parts_ms(f: deltacodec.SldFile, model: torch.nn.Module, repeat: int) -> tuple[float, float]:
-    """(overflow proof, proven kernel) summed over the file's modules."""
-    proof = kernel = 0.0
+def parts_fns(f: deltacodec.SldFile, model: torch.nn.Module):
+    """(overflow proof over every module, proven kernel over every module) as functions."""
+    jobs = []
     for m in f.modules:
         W = model.get_submodule(m.name).weight.data
         A, B = packed_factor(f, m.A, "cpu"), packed_factor(f, m.B, "cpu")
         gamma = m.gamma if m.sine else 1.0
-        proof += best_ms(lambda: finite_by_bound(W, A, B, scale=m.scale, gamma=gamma, sine=m.sine,
-                                                 fan_in_fan_out=False), repeat)
-        kernel += best_ms(lambda: delta_add_torch(W, A, B, scale=m.scale, omega=m.omega or 0.0, gamma=gamma,
-                                                  sine=m.sine, fan_in_fan_out=False, proven=True), repeat)
+        jobs.append((W, A, B, dict(scale=m.scale, gamma=gamma, sine=m.sine, fan_in_fan_out=False)))
+
+    def proof() -> None:
+        for W, A, B, kw in jobs:
+            finite_by_bound(W, A, B, **kw)
+
+    def kernel() -> None:
+        for (W, A, B, kw), m in zip(jobs, f.modules):
+            delta_add_torch(W, A, B, omega=m.omega or 0.0, proven=True, **kw)
+
     return proof, kernel
 
 
@@ -216,28 +236,38 @@ def bench_apply(shapes, rank: int, dtype: torch.dtype, repeat: int, tmp: str) ->
         path = os.path.join(tmp, f"{'sine' if sine else 'plain'}-{len(shapes)}.sld")
         deltacodec.encode(adapter_for(shapes, rank, sine), bits=BITS, out=path, force=True)
         f = deltacodec.load(path)
-        floor = floor_ms(f, model, sine, repeat)
-        proof, kernel = parts_ms(f, model, repeat)
+        handles: list = []
+
+        def drop() -> None:  # the previous call's handle: removed when it can be, copies freed
+            while handles:
+                h = handles.pop()
+                if h._originals:
+                    h.remove()
+            gc.collect()
+
+        def applier(keep: bool):
+            return lambda: handles.append(deltacodec.apply(model, f, keep_original=keep, allow_stacking=True))
+
+        proof, kernel = parts_fns(f, model)
+        fns = {
+            "floor": (floor_fn(f, model, sine), None),
+            "apply False": (applier(False), drop),
+            "apply True": (applier(True), drop),
+            "proof": (proof, None),
+            "kernel": (kernel, None),
+        }
         if not sine and dtype != torch.float32:
-            print(f"  (plain: W.addmm_ in {dtype} with the factors rounded to it: "
-                  f"{low_precision_addmm_ms(f, model, repeat):.1f} ms over {len(f.modules)} module(s))")
+            fns["low-precision addmm"] = (floor_fn(f, model, sine, low_precision=True), None)
+        t = interleaved_best(fns, repeat)
+        drop()
+        kind = "sine" if sine else "plain"
         for keep in (False, True):
-            handles: list = []
-
-            def setup() -> None:
-                while handles:  # undo the previous call's delta (keep_original=True), free its copies
-                    h = handles.pop()
-                    if keep:
-                        h.remove()
-                gc.collect()
-
-            def run() -> None:
-                handles.append(deltacodec.apply(model, f, keep_original=keep, allow_stacking=True))
-
-            t = best_ms(run, repeat, setup)
-            setup()
-            label = f"{'sine' if sine else 'plain'}, keep_original={keep}"
-            rows[label] = dict(apply=t, floor=floor, proof=proof if not keep else float("nan"), kernel=kernel)
+            rows[f"{kind}, keep_original={keep}"] = dict(
+                apply=t[f"apply {keep}"], floor=t["floor"], proof=t["proof"] if not keep else float("nan"),
+                kernel=t["kernel"])
+        if "low-precision addmm" in t:
+            print(f"  (plain: W.addmm_ in {str(dtype).removeprefix('torch.')} on factors rounded to it: "
+                  f"{t['low-precision addmm']:.1f} ms over {len(f.modules)} module(s))")
         f.close()
     del model
     gc.collect()
@@ -354,7 +384,7 @@ def main() -> None:
         if not args.skip_layers:
             shapes = [(f"model.layers.{n}.{name}", o, i) for n in range(args.layers) for name, o, i in LAYER_SHAPES]
             title = f"{args.layers} LLaMA-3-8B layers ({len(shapes)} modules), {args.dtype}"
-            results[title] = bench_apply(shapes, args.rank, dtype, max(1, args.repeat // 2), tmp)
+            results[title] = bench_apply(shapes, args.rank, dtype, max(2, args.repeat // 2), tmp)
             print_apply(title, results[title])
         if torch.cuda.is_available():
             rows, bandwidth = bench_cuda(args.rank, dtype, max(args.repeat, 20), tmp)
