@@ -883,6 +883,8 @@ def apply(
                 except BaseException as exc:
                     n_kept = sum(1 for w in written if all(w is not o for o, _ in originals))
                     rollback()
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # off the main thread only
+                        raise
                     raise ApplyError(
                         f"{f.path}: applying '{t.entry.name}' failed ({type(exc).__name__}: {exc}); "
                         f"{n_kept} weight(s) patched without a copy (keep_original=False) keep their "
