@@ -31,7 +31,8 @@ is float32); BLAS may fold ``c`` into ``b`` there (MKL does: one more rounding p
 Backends
 --------
 * :func:`delta_add_torch` -- reference backend: readable, runs on any device, and fast on CPU
-  (row-chunked, in place, one pre-allocated fp32 chunk buffer; no full-size temporaries).
+  (row-chunked, in place, at most two pre-allocated fp32 chunk buffers; no full-size temporaries;
+  plain LoRA on a float32 W proven finite is one in-place addmm_).
 * :func:`delta_add_triton` -- one fused Triton kernel that reads the packed streams and codebooks
   as stored, unpacks and dequantizes the factor tiles in registers, forms the rank-r product with
   ``tl.dot`` and patches the ``W`` tile in place.  Runs on CUDA, and on CPU tensors under
