@@ -28,6 +28,7 @@ from .cli_inspect import add_inspect_parser, add_verify_parser, inspect_summary,
 from .cli_progress import break_line, stderr_progress
 from .cli_text import one_line
 from .errors import DeltacodecWarning, SldError
+from .layouts import LAYOUT_NAMES
 
 __all__ = ["main", "run", "build_parser", "error_message", "size_arg", "inspect_summary", "verify_file"]
 
@@ -79,6 +80,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         level=args.level,
         progress=stderr_progress("encode", quiet=args.quiet),
         force=args.force,
+        layout=args.layout,
     )
     size = os.path.getsize(out)
     if not args.quiet:
@@ -86,7 +88,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.report:
         from .report import weight_error_report
 
-        print(weight_error_report(args.src, out, omega=args.omega, gamma=args.gamma, alpha=args.alpha))
+        print(weight_error_report(args.src, out, omega=args.omega, gamma=args.gamma, alpha=args.alpha,
+                                  layout=args.layout))
     return 0
 
 
@@ -127,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     e = sub.add_parser("encode", help="adapter directory or .safetensors/.bin -> .sld")
-    e.add_argument("src", metavar="ADAPTER", help="PEFT adapter directory, .safetensors or .bin file")
+    e.add_argument("src", metavar="ADAPTER",
+                   help="adapter directory, .safetensors or .bin file (PEFT, diffusers or kohya-ss layout)")
     e.add_argument("--bits", type=bits_arg, default=3, help="1..8 (codebook) or 16 (float16); default 3")
     e.add_argument("-o", "--output", help="output .sld path (default: beside the input)")
     e.add_argument("--force", action="store_true", help="replace the output if it exists (never an input)")
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alpha", type=finite_arg("alpha"),
                    help="lora_alpha when the adapter has no config (scale = alpha/r)")
     e.add_argument("--quantizer", choices=["kmeans", "uniform"], default="kmeans")
+    e.add_argument("--layout", choices=list(LAYOUT_NAMES),
+                   help="read the input as this layout instead of detecting it (default: detected)")
     e.add_argument("--level", type=level_arg, default=1, help="zstd level 1..22, 0 = no entropy stage; default 1")
     e.add_argument("--report", action="store_true", help="print the weight-space error per module")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")

@@ -71,6 +71,8 @@ def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[
         "method": meta.get("method"),
         "encoder": meta.get("encoder"),
         "base_model": meta.get("base_model"),
+        # Absent means PEFT (spec 3.3); anything else is shown as recorded, escaped on output.
+        "layout": meta.get("layout", "peft"),
         "omega": omegas[0] if len(omegas) == 1 else omegas or None,
         "gamma": "sqrt(in_features)"
         if f.modules and all(m.sine and math.isclose(m.gamma, math.sqrt(m.in_features)) for m in f.modules)
@@ -105,12 +107,13 @@ def format_inspect(s: dict[str, Any]) -> str:
     lines = [f"{one_line(s['file'])}: .sld version {s['version']}, {s['bytes']:,} bytes (header {s['header_bytes']:,})"]
     lines.append(f"  method      {_show(s['method'])}    encoder {_show(s['encoder'])}")
     lines.append(f"  base model  {_show(s['base_model'], 'unknown')}")
+    lines.append(f"  layout      {_show(s['layout'])} (what 'sld decode' writes back)")
     if s["omega"] is not None:
         lines.append(f"  omega       {s['omega']}    gamma {s['gamma']}")
     lines.append(f"  scale       {', '.join(f'{v:g}' for v in s['scales']) or '-'}")
     transposed = sum(m["fan_in_fan_out"] for m in s["modules"])
     if transposed:
-        lines.append(f"  layout      W is in×out (fan_in_fan_out) in {transposed} of {len(s['modules'])} modules")
+        lines.append(f"  orientation W is in×out (fan_in_fan_out) in {transposed} of {len(s['modules'])} modules")
     names = [escape(r["name"]) for r in s["tensors"]]
     name_w = max([len(n) for n in names] + [6])
     lines.append(
