@@ -122,7 +122,9 @@ def expected(path: str, spec: dict | None) -> dict:
     f = deltacodec.load(path)
     out: dict = {}
     if spec is not None:
-        out["options"] = {key: spec[key] for key in ("bits", "level", "quantizer")}
+        out["options"] = {key: spec[key] for key in ("bits", "level", "quantizer", "size", "bits_per_param",
+                                                      "max_error", "refit") if key in spec}
+        out["options"]["container"] = spec.get("container", 1)
         out["zstd_version"] = zstandard.ZSTD_VERSION
     out.update({
         "file_bytes": f.file_size,
@@ -157,7 +159,11 @@ def golden(names: list[str] | None = None) -> None:
         out = os.path.join(HERE, f"{name}.sld")
         if os.path.exists(out):
             os.remove(out)
-        deltacodec.encode(src, bits=spec["bits"], out=out, level=spec["level"], quantizer=spec["quantizer"], force=True)
+        opts = {k: spec[k] for k in ("size", "bits_per_param", "max_error", "refit") if k in spec}
+        if "bits" in spec:
+            opts["bits"] = spec["bits"]
+        deltacodec.encode(src, out=out, level=spec["level"], quantizer=spec["quantizer"], force=True,
+                          container=spec.get("container", 1), **opts)
         write_json(os.path.join(HERE, f"{name}.expected.json"), expected(out, spec))
         print(f"{name}: {os.path.getsize(out)} bytes")
 
@@ -297,9 +303,9 @@ def invalid() -> dict[str, tuple[bytes, str, str, str, str]]:
     add("not_sld_zip", b"PK\x03\x04" + b"\0" * 26, F, "7.2", "a zip file")
     add("empty", b"", F, "7.2", "0 bytes")
     add("truncated_preamble", good[:19], F, "7.2", "19 bytes: the magic and version are right, the preamble is cut")
-    add("future_version", good[:8] + struct.pack("<I", 2) + good[12:], V, "2.1", "container version 2")
-    add("future_version_short", MAGIC + struct.pack("<I", 2), V, "7.2",
-        "12 bytes with version 2: the version is checked before the preamble length")
+    add("future_version", good[:8] + struct.pack("<I", 3) + good[12:], V, "2.1", "container version 3")
+    add("future_version_short", MAGIC + struct.pack("<I", 3), V, "7.2",
+        "12 bytes with version 3: the version is checked before the preamble length")
     add("version_zero", good[:8] + struct.pack("<I", 0) + good[12:], V, "2.1", "container version 0")
     add("header_length_zero", good[:12] + struct.pack("<I", 0) + good[16:], F, "2.1", "H = 0")
     add("header_length_past_end", good[:12] + struct.pack("<I", len(good) - 19) + good[16:], F, "2.1",
