@@ -384,8 +384,9 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         break
     else:
         if kind in ("size", "bits_per_param"):
-            raise EncodeError(f"encoding {_src_name(src)}: rate control did not reach {kind} {value} "
-                              f"(best {len(data):,} bytes)")
+            raise EncodeError(f"encoding {_src_name(src)}: {kind} {value:g} is unreachable: the smallest file rate "
+                              f"control reached is {len(data):,} bytes (the container alone, every factor "
+                              f"zero, is {len(floor):,} bytes)")
     if progress:
         progress(total, total, "")
     return data

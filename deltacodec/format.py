@@ -238,6 +238,8 @@ class SldFile:
                 limit=self.max_decoded_bytes,
                 requested=self.decoded_nbytes,
             )
+        self.data_crc32: int | None = hdr.data_crc32
+        self._data_checked = False
         self._by_module = {m.name: m for m in self.modules}
         self._by_tensor = {t.name: t for t in self.tensors}
         for m in self.modules:
@@ -339,28 +341,27 @@ class SldFile:
         (``sec``: the section's bytes when the caller has already read them)."""
         start = self.data_offset + e.offset
         P = e.payload_nbytes
+        if self.data_crc32 is not None:
+            self._check_data_crc(e)
         if e.length <= _WHOLE_SECTION:
             if sec is None:
                 sec = self._read(start, e.length, e)
             crc = zlib.crc32(sec)
-            if crc != e.crc32:
+            if self.data_crc32 is None and crc != e.crc32:
                 raise self._crc_fail(e, crc)
             reader: Callable[[int, int], bytes] = lambda off, n: sec[off:off + n]  # noqa: E731
             source: io.RawIOBase | io.BufferedIOBase = io.BytesIO(sec)
         else:
             crc = 0
-            for off in range(0, e.length, _IO_CHUNK):
-                crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
-            if crc != e.crc32:
-                raise self._crc_fail(e, crc)
+            if self.data_crc32 is None:
+                for off in range(0, e.length, _IO_CHUNK):
+                    crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
+                if crc != e.crc32:
+                    raise self._crc_fail(e, crc)
             reader = lambda off, n: self._read(start + off, max(0, min(n, e.length - off)), e)  # noqa: E731
             source = _Range(self._src, start, e.length)
         if e.compression in ("rans", "fields"):
             whole = sec if sec is not None else self._read(start, e.length, e)
-            if sec is None and e.length > _WHOLE_SECTION:  # the CRC pass above read it in pieces
-                crc = zlib.crc32(whole)
-                if crc != e.crc32:
-                    raise self._crc_fail(e, crc)
             payload = self._decode_v2(e, whole)
             reader = lambda off, n: payload[off:off + n]  # noqa: E731
             e_none = True
@@ -398,6 +399,23 @@ class SldFile:
                 raise SldFormatError(f"{self._where(e)}: {exc}") from None
 
         return _Payload(read_z, finish_z)
+
+    def _check_data_crc(self, e: TensorEntry) -> None:
+        """Version 2: the CRC-32 of the whole data area, checked once (streamed) before the first
+        section is decoded, so no decoded value comes from a corrupt file."""
+        if self._data_checked:
+            return
+        start, n = self.data_offset, self.file_size - self.data_offset
+        crc = 0
+        for off in range(0, n, _IO_CHUNK):
+            crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, n - off), e), crc)
+        if crc != self.data_crc32:
+            raise SldChecksumError(
+                f"{self.path}: data area CRC-32 mismatch (offset {start}, {n} bytes, stored "
+                f"{self.data_crc32:#010x}, computed {crc:#010x}): the file is corrupt (found decoding "
+                f"tensor '{e.name}')"
+            )
+        self._data_checked = True
 
     def _decode_v2(self, e: TensorEntry, sec: bytes) -> bytes:
         """A version-2 section (CRC already checked) decoded to the tensor's payload: one byte
@@ -876,17 +894,14 @@ def _prefix(prev: bytes, name: str) -> tuple[int, str]:
     return p, raw[p:].decode("utf-8", "surrogatepass")
 
 
-def _tensor_map_v2(t: dict[str, Any], section: bytes) -> dict[str, Any]:
+def _tensor_map_v2(t: dict[str, Any], section: bytes) -> list[Any]:
+    """The version-2 tensor descriptor array (spec §12.2)."""
     enc = t["encoding"]
     if enc in ("q", "f"):
-        m: dict[str, Any] = {"e": enc, "x": bytes(t["side"])}
-    elif enc == "raw":
-        m = {"e": "r", "d": t["dtype"], "z": t["compression"]}
-    else:
-        raise EncodeError(f"tensor encoding {enc!r} cannot be written in container version 2")
-    m["n"] = len(section)
-    m["c"] = zlib.crc32(section)
-    return m
+        return [0 if enc == "q" else 1, len(section), bytes(t["side"])]
+    if enc == "raw":
+        return [2, len(section), t["dtype"], t["compression"]]
+    raise EncodeError(f"tensor encoding {enc!r} cannot be written in container version 2")
 
 
 def serialize_v2(
@@ -932,10 +947,14 @@ def serialize_v2(
             m["p"] = p
         m["shape"] = [int(d) for d in t["shape"]]
         sec = bytes(t["section"])
-        m.update(_tensor_map_v2(t, sec))
+        m["t"] = _tensor_map_v2(t, sec)
         sections.append(sec)
         extras.append(m)
-    header = {"metadata": metadata, "defaults": defaults, "lanes": int(lanes), "modules": mods, "tensors": extras}
+    crc = 0
+    for sec in sections:
+        crc = zlib.crc32(sec, crc)
+    header = {"metadata": metadata, "defaults": defaults, "lanes": int(lanes), "crc32": crc, "modules": mods,
+              "tensors": extras}
     try:
         packed = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -175,6 +175,7 @@ class Header:
     modules: list[ModuleEntry] = field(default_factory=list)
     tensors: list[TensorEntry] = field(default_factory=list)
     decoded_nbytes: int = 0
+    data_crc32: int | None = None  # version 2: CRC-32 of the whole data area (version 1: per section)
 
 
 def dequantize_codebook(codebook_f16: bytes, scale: float) -> np.ndarray:

@@ -48,14 +48,12 @@ from .sideinfo import SideInfoError, read_fields, read_quant
 
 __all__ = ["parse_header_v2", "ROOT_KEYS", "MODULE_FIELDS", "MAX_LANES"]
 
-ROOT_KEYS = ("metadata", "defaults", "lanes", "modules", "tensors")
+ROOT_KEYS = ("metadata", "defaults", "lanes", "crc32", "modules", "tensors")
 OPTIONAL_ROOT = ("required",)
 MODULE_FIELDS = ("kind", "scale", "omega", "gamma", "fan_in_fan_out")
 MAX_LANES = 32
 _MOD_KEYS = frozenset(("name", "p", "shape", "A", "B") + MODULE_FIELDS)
-_Q_KEYS = frozenset(("e", "x", "n", "c"))
-_R_KEYS = frozenset(("e", "d", "z", "n", "c"))
-_EXTRA_KEYS = frozenset(("name", "p", "shape"))
+_EXTRA_KEYS = frozenset(("name", "p", "shape", "t"))
 _U32 = 0xFFFFFFFF
 
 
@@ -79,7 +77,7 @@ class _ParserV2(_Parser):
                 if not _is_map(self.peek("root.metadata")):
                     raise self.fail("root.metadata", f"expected map, got {_byte_type(self.peek('root.metadata'))}")
                 hdr.metadata = self.value("metadata", 2)
-            elif key in ("defaults", "lanes", "required"):
+            elif key in ("defaults", "lanes", "required", "crc32"):
                 obj = self._call(self.u.unpack, f"root.{key}")
                 self.root_value(key, obj)
             elif key in ("modules", "tensors"):
@@ -98,6 +96,7 @@ class _ParserV2(_Parser):
             raise self.fail("root", f"{len(self.data) - end} bytes after the header map (at byte {end}); "
                                     "the decoded header is exactly one msgpack map")
         self.place(hdr)
+        hdr.data_crc32 = self.data_crc
         if not hdr.modules and not hdr.tensors:
             raise self.fail("root", "no modules and no tensors: an empty adapter")
         self.collisions(hdr)
@@ -118,7 +117,11 @@ class _ParserV2(_Parser):
 
     def root_value(self, key: str, obj: Any) -> None:
         where = f"root.{key}"
-        if key == "lanes":
+        if key == "crc32":
+            if type(obj) is not int or not 0 <= obj <= _U32:
+                raise self.fail(where, f"{show(obj)} is not an int in [0, 2^32-1]")
+            self.data_crc = obj
+        elif key == "lanes":
             if type(obj) is not int or not 1 <= obj <= MAX_LANES:
                 raise self.fail(where, f"{show(obj)} is not an int in [1, {MAX_LANES}]")
             self.lanes = obj
@@ -239,8 +242,8 @@ class _ParserV2(_Parser):
         if rank * in_f > MAX_NUMEL or out_f * rank > MAX_NUMEL:
             n = max(rank * in_f, out_f * rank)
             raise self.limit(f"{where}.shape", f"{n:,} elements, over the limit of {MAX_NUMEL:,}", MAX_NUMEL, n)
-        a = self.tensor(self.as_map(d["A"], f"{where}.A"), name + ".lora_A.weight", f"{where}.A", (rank, in_f), _Q_KEYS)
-        b = self.tensor(self.as_map(d["B"], f"{where}.B"), name + ".lora_B.weight", f"{where}.B", (out_f, rank), _Q_KEYS)
+        a = self.tensor(d["A"], name + ".lora_A.weight", f"{where}.A", (rank, in_f))
+        b = self.tensor(d["B"], name + ".lora_B.weight", f"{where}.B", (out_f, rank))
         m = ModuleEntry(name, sine, out_f, in_f, rank, scale, omega, gamma, fifo, a, b)
         problem = coefficient_problem(m)
         if problem is None and a.value_bound is not None and b.value_bound is not None:
@@ -269,53 +272,53 @@ class _ParserV2(_Parser):
             numel *= dim
         if numel > MAX_NUMEL:
             raise self.limit(f"{where}.shape", f"{numel:,} elements, over the limit of {MAX_NUMEL:,}", MAX_NUMEL, numel)
-        rest = {k: v for k, v in d.items() if k not in ("name", "p", "shape")}
-        return self.tensor(rest, name, where, tuple(shape), _Q_KEYS)
+        for k in d:
+            if k not in _EXTRA_KEYS:
+                raise self.fail(where, f"unknown key {show(k)}")
+        if "t" not in d:
+            raise self.fail(where, "missing key 't'")
+        return self.tensor(d["t"], name, f"{where}.t", tuple(shape))
 
-    def tensor(self, d: dict[str, Any], name: str, where: str, shape: tuple[int, ...], _unused: Any) -> TensorEntry:
-        enc = d.get("e")
-        allowed = _R_KEYS if enc == "r" else _Q_KEYS
-        if enc not in ("q", "f", "r"):
-            if "e" not in d:
-                raise self.fail(where, "missing key 'e'")
-            raise self.fail(f"{where}.e", f"{show(enc)} is not one of q, f, r")
-        if d.keys() != allowed:
-            self.keys(d, allowed, where)
-        length, crc = d["n"], d["c"]
+    def tensor(self, t: Any, name: str, where: str, shape: tuple[int, ...]) -> TensorEntry:
+        """A tensor descriptor: ``[0, length, side]`` quantized, ``[1, length, side]`` lossless
+        16-bit, ``[2, length, dtype, compression]`` raw (the data area's CRC-32 is the root's)."""
+        if type(t) is not list or not t:
+            raise self.fail(where, f"expected a tensor descriptor array, got {_tname(t)}")
+        enc = t[0]
+        if type(enc) is not int or enc not in (0, 1, 2):
+            raise self.fail(f"{where}[0]", f"encoding {show(enc)} is not one of 0 (quantized), 1 (16-bit fields), 2 (raw)")
+        want = 4 if enc == 2 else 3
+        if len(t) != want:
+            raise self.fail(where, f"a descriptor of encoding {enc} has {want} elements, got {len(t)}")
+        length, crc = t[1], -1  # no per-section CRC: the root's crc32 covers the data area
         if type(length) is not int or not 1 <= length <= (1 << 64) - 1:
-            raise self.fail(f"{where}.n", f"{show(length)} is not an int >= 1 (section length in bytes)")
-        if type(crc) is not int or not 0 <= crc <= _U32:
-            raise self.fail(f"{where}.c", f"{show(crc)} is not an int in [0, 2^32-1]")
+            raise self.fail(f"{where}[1]", f"{show(length)} is not an int >= 1 (section length in bytes)")
         numel = math.prod(shape)
         offset = 0  # placed once every entry is read (place)
-        if enc == "r":
-            dtype = d["d"]
+        if enc == 2:
+            dtype, comp = t[2], t[3]
             if type(dtype) is not str or dtype not in RAW_DTYPES:
-                raise self.fail(f"{where}.d", f"{show(dtype)} is not one of {', '.join(RAW_DTYPES)}")
-            comp = d["z"]
+                raise self.fail(f"{where}[2]", f"dtype {show(dtype)} is not one of {', '.join(RAW_DTYPES)}")
             if comp not in COMPRESSIONS:
-                raise self.fail(f"{where}.z", f"{show(comp)} is not one of {', '.join(COMPRESSIONS)}")
+                raise self.fail(f"{where}[3]", f"compression {show(comp)} is not one of {', '.join(COMPRESSIONS)}")
             payload = numel * RAW_DTYPES[dtype][1]
             if comp == "none" and length != payload:
-                raise self.fail(f"{where}.n", f"{length} bytes stored uncompressed, shape needs {payload}")
+                raise self.fail(f"{where}[1]", f"{length} bytes stored uncompressed, shape needs {payload}")
             bound = F16_MAX if dtype == "F16" else None
             return TensorEntry(name, shape, "raw", RAW_DTYPES[dtype][1] * 8, 0, None, dtype, None, None, comp,
                                offset, length, crc, bound)
-        side = d["x"]
+        side = t[2]
         if type(side) is not bytes:
-            raise self.fail(f"{where}.x", f"expected bin, got {_tname(side)}")
+            raise self.fail(f"{where}[2]", f"side information: expected bin, got {_tname(side)}")
         try:
-            if enc == "q":
-                q = read_quant(side)
-            else:
-                q = read_fields(side)
+            q = read_quant(side) if enc == 0 else read_fields(side)
         except SideInfoError as exc:
-            raise self.fail(f"{where}.x", f"side information: {exc}") from None
-        if enc == "q":
+            raise self.fail(f"{where}[2]", f"side information: {exc}") from None
+        if enc == 0:
             return TensorEntry(name, shape, "codebook", q.bits, 8, q.method, None, None, None, "rans",
                                offset, length, crc, q.bound, (self.lanes, q))
         if length < q.stored * numel:
-            raise self.fail(f"{where}.n", f"{length} bytes cannot hold {q.stored} stored field streams of {numel} bytes")
+            raise self.fail(f"{where}[1]", f"{length} bytes cannot hold {q.stored} stored field streams of {numel} bytes")
         bound = F16_MAX if q.dtype == "F16" else None
         return TensorEntry(name, shape, "raw", 16, 0, None, q.dtype, None, None, "fields", offset, length, crc,
                            bound, (self.lanes, q))

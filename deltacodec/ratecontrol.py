@@ -50,6 +50,7 @@ _GRID_FINE = 2.0 ** (np.arange(-48, -24) / 4.0)  # extrapolated (high-rate law)
 _CURVE_SAMPLE = 16384
 _ECSQ_PARAM_BITS = 16 + 8 + 3  # step, θ1, θ2 - θ1 (typical)
 _KMEANS_BITS = (1, 2, 3)  # k-means settings `auto` weighs against ECSQ
+MAX_LEVELS = 256  # quantizer levels per tensor: the apply kernels' 8-bit index fields
 
 
 @dataclass(frozen=True)
@@ -387,8 +388,16 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTe
     # the multiplier the curve was estimated with, so that the tensor lands on the chosen point
     # (λ/w would be the textbook choice but moves the rate away from the estimate at low rates)
     # the curve's sample places the cells (B after the refit is close to the B it was drawn from)
+    # the kernel cap (8-bit index fields): no step so fine that nearest rounding needs more levels
+    step = max(step, float(np.float64(flat.max()) - np.float64(flat.min())) / (MAX_LEVELS - 3))
     q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
     lo, hi = int(q.indices.min()), int(q.indices.max())
+    while hi - lo + 1 > MAX_LEVELS:
+        # the kernel cap (8-bit index fields, spec §12.3): widen the step until the alphabet fits;
+        # the tensor then costs fewer bits than its curve point, which the rate loop sees
+        step *= (hi - lo + 1) / (MAX_LEVELS - 1) * 1.02
+        q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
+        lo, hi = int(q.indices.min()), int(q.indices.max())
     c = np.bincount(q.indices - lo, minlength=hi - lo + 1)
     table = best_table(c, lo)
     return CodedTensor(name, shape, "ecsq", q.indices, table, q.values(), q.step_bits, q.theta1, q.theta2)
