@@ -347,7 +347,7 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         return build(modules)
     if not mods:
         return build([])
-    from .ratecontrol import Target, encode_modules
+    from .ratecontrol import MAX_LEVELS, Target, encode_modules
 
     # What the container adds around the plan's stream and side information: the header
     # (measured with every factor at its smallest) and a stream per tensor instead of one.
@@ -369,7 +369,7 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         t_kind = "bits" if kind == "bits" else kind
         plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
                               overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
-                              lanes=LANES)
+                              lanes=LANES, max_levels=MAX_LEVELS)
         modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES), coded_tensor(plan.tensors[2 * i + 1], LANES))
                    for i, m in enumerate(mods)]
         data = build(modules)
@@ -381,6 +381,11 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
             if got > value:
                 goal *= (value / got) * 0.995
                 continue
+        if kind == "max_error" and plan.max_error > value:
+            worst = max(plan.modules, key=lambda r: r.rel_error)
+            raise EncodeError(f"encoding {_src_name(src)}: max_error {value:g} is unreachable with at most "
+                              f"{MAX_LEVELS} quantizer levels per tensor (the apply kernels' 8-bit indices): "
+                              f"module '{worst.name}' reaches {worst.rel_error:.4g}; use --bits 16 for lossless")
         break
     else:
         if kind in ("size", "bits_per_param"):

@@ -363,7 +363,7 @@ def _bisect(model: _Model, kind: str, value: float, params: int, fixed_bits: flo
 # Applying a λ to the full tensors
 
 
-def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTensor:
+def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int, max_levels: int | None = None) -> CodedTensor:
     """Quantize and table-code one tensor at grid point ``j`` of its curve."""
     flat = np.asarray(x, dtype=np.float32).reshape(-1)
     shape = tuple(np.asarray(x).shape)
@@ -388,14 +388,16 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTe
     # the multiplier the curve was estimated with, so that the tensor lands on the chosen point
     # (λ/w would be the textbook choice but moves the rate away from the estimate at low rates)
     # the curve's sample places the cells (B after the refit is close to the B it was drawn from)
-    # the kernel cap (8-bit index fields): no step so fine that nearest rounding needs more levels
-    step = max(step, float(np.float64(flat.max()) - np.float64(flat.min())) / (MAX_LEVELS - 3))
+    if max_levels is not None:
+        # a cap on the levels (the apply kernels' 8-bit index fields): no step so fine that
+        # nearest rounding needs more
+        step = max(step, float(np.float64(flat.max()) - np.float64(flat.min())) / (max_levels - 3))
     q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
     lo, hi = int(q.indices.min()), int(q.indices.max())
-    while hi - lo + 1 > MAX_LEVELS:
+    while max_levels is not None and hi - lo + 1 > max_levels:
         # the kernel cap (8-bit index fields, spec §12.3): widen the step until the alphabet fits;
         # the tensor then costs fewer bits than its curve point, which the rate loop sees
-        step *= (hi - lo + 1) / (MAX_LEVELS - 1) * 1.02
+        step *= (hi - lo + 1) / (max_levels - 1) * 1.02
         q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
         lo, hi = int(q.indices.min()), int(q.indices.max())
     c = np.bincount(q.indices - lo, minlength=hi - lo + 1)
@@ -404,20 +406,21 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTe
 
 
 def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice: np.ndarray,
-           refit: bool, lanes: int) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int]:
+           refit: bool, lanes: int, max_levels: int | None = None) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int]:
     tensors: list[CodedTensor] = []
     reports: list[ModuleReport] = []
     side = 0
     for mi, m in enumerate(modules):
         wa = weights[2 * mi]
-        ta = _quantize_tensor(f"{m.name}.lora_A.weight", m.A, curves[2 * mi], int(choice[2 * mi]))
+        ta = _quantize_tensor(f"{m.name}.lora_A.weight", m.A, curves[2 * mi], int(choice[2 * mi]), max_levels)
         a_hat = ta.values.reshape(m.A.shape)
         b_target = refit_b(m.A, m.B, a_hat) if refit else np.asarray(m.B, dtype=np.float32)
         # w_B with Â in place of A: same denominator, numerator ‖Â‖² instead of ‖A‖²
         na2 = float(np.sum(np.square(m.A, dtype=np.float64)))
         wb_hat = weights[2 * mi + 1] * (float(np.sum(np.square(a_hat, dtype=np.float64))) / na2 if na2 > 0 else 1.0)
         # B keeps the grid point chosen on the unrefitted B: the refit moves B by O(r/in)
-        tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]))
+        tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]),
+                              max_levels)
         b_hat = tb.values.reshape(m.B.shape)
         err = relative_error(m.A, m.B, a_hat, b_hat, sine=m.sine, omega=m.omega)
         est = math.sqrt(max(wa * float(np.sum((a_hat - m.A) ** 2)) + wb_hat * float(np.sum((b_hat - b_target) ** 2)), 0.0))
@@ -441,6 +444,7 @@ def encode_modules(
     max_rounds: int = 4,
     lanes: int = rans.LANES,
     allocation: str = "sum",
+    max_levels: int | None = None,
 ) -> Plan:
     """Quantize and code the A/B factors of ``modules`` (objects with ``name, A (r×in), B
     (out×r), sine, omega``, e.g. :class:`deltacodec.adapter.AdapterModule`) for ``target``.
@@ -452,7 +456,9 @@ def encode_modules(
     the largest module error (every module takes its cheapest setting under a common error
     bound ε, ε bisected to the target; what k-means at fixed bits does implicitly, and what task
     accuracy tracked at 1-2 bits/param on the RD testbed). ``max_error`` targets always use the
-    minimax choice: it is the smallest file meeting the bound.
+    minimax choice: it is the smallest file meeting the bound. ``max_levels``: cap on the
+    quantizer levels of an ECSQ tensor (the container passes :data:`MAX_LEVELS`, 256, so indices
+    fit the apply kernels' 8-bit fields); a capped tensor gets a coarser step than its curve point.
     """
     if allocation not in ("sum", "minimax"):
         raise ValueError(f"allocation must be 'sum' or 'minimax', got {allocation!r}")
@@ -491,7 +497,7 @@ def encode_modules(
         if kind in ("size", "bits_per_param", "bits"):
             budget = _budget_bits(kind, goal, params, fixed_bits)
             choice = _fill(model, choice, budget)
-        tensors, stream, reports, side = _apply(mods, curves, weights, choice, refit, lanes)
+        tensors, stream, reports, side = _apply(mods, curves, weights, choice, refit, lanes, max_levels)
         plan = Plan(tensors, stream, reports, lam, overhead_bytes, rounds, side, history)
         history.append((lam, float(plan.total_bytes)))
         if kind == "lambda" or rounds >= max_rounds:

@@ -143,6 +143,14 @@ def test_max_error_target_bounds_every_module(tmp_path):
         assert max(errs) <= goal, errs
 
 
+def test_unreachable_max_error_says_why(tmp_path):
+    rng = np.random.default_rng(3)
+    ad = Adapter(modules=[AdapterModule(name="m", A=rng.standard_t(1.5, (4, 2048)).astype(np.float32),
+                                        B=rng.standard_t(1.5, (256, 4)).astype(np.float32), scale=1.0)], config={})
+    with pytest.raises(EncodeError, match="unreachable with at most 256 quantizer levels"):
+        deltacodec.encode(ad, max_error=1e-4, out=str(tmp_path / "x.sld"))
+
+
 def test_more_bits_means_less_error_and_refit_is_on_by_default(tmp_path):
     ad = adapter(False)
     errs = []
