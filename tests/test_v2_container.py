@@ -443,3 +443,31 @@ def test_v2_container_overhead_is_at_most_half_of_v1(tmp_path):
     c1, c2 = container_bytes(p1), container_bytes(p2)
     assert c2 <= 0.5 * c1, (c1, c2)
     assert deltacodec.load(p2).header_size < deltacodec.load(p1).header_size
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_rate_targets(tmp_path, capsys):
+    from cli_helpers import run_sld
+
+    src = "examples/tiny-sine-adapter"
+    out = str(tmp_path / "a.sld")
+    rc, stdout, _ = run_sld(capsys, "encode", src, "-o", out, "--size", "9kB", "--report", "-q")
+    assert rc == 0 and 0.95 * 9000 <= deltacodec.load(out).file_size <= 9000
+    assert "rel. error" in stdout and "bits/param" in stdout
+    rc, _, err = run_sld(capsys, "encode", src, "-o", str(tmp_path / "b.sld"), "--bits", "3", "--size", "3MB")
+    assert rc == 2 and "not allowed with" in err
+    rc, _, err = run_sld(capsys, "encode", src, "-o", str(tmp_path / "c.sld"), "--size", "100")
+    assert rc == 1 and "unreachable" in err and "smallest" in err
+    rc, _, _ = run_sld(capsys, "encode", src, "-o", str(tmp_path / "d.sld"), "--bits-per-param", "3.5",
+                       "--quantizer", "auto", "--no-refit", "-q")
+    assert rc == 0 and deltacodec.load(str(tmp_path / "d.sld")).version == 2
+    rc, _, _ = run_sld(capsys, "encode", src, "-o", str(tmp_path / "e.sld"), "--bits", "3", "--container", "2", "-q")
+    assert rc == 0 and deltacodec.load(str(tmp_path / "e.sld")).modules[0].A.quantizer == "kmeans"
+    rc, _, err = run_sld(capsys, "encode", src, "-o", str(tmp_path / "f.sld"), "--quantizer", "ecsq",
+                         "--container", "1")
+    assert rc == 1 and "needs container version 2" in err
+    rc, stdout, _ = run_sld(capsys, "verify", out)
+    assert rc == 0 and "OK" in stdout
