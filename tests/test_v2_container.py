@@ -471,3 +471,49 @@ def test_cli_rate_targets(tmp_path, capsys):
     assert rc == 1 and "needs container version 2" in err
     rc, stdout, _ = run_sld(capsys, "verify", out)
     assert rc == 0 and "OK" in stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# apply (torch backend; the Triton kernel reads the same uint8 index stream and values)
+
+
+def _model_for(ad: Adapter):
+    torch = pytest.importorskip("torch")
+
+    root = torch.nn.Module()
+    for m in ad.modules:
+        parent = root
+        parts = m.name[len("base_model.model."):].split(".")
+        for p in parts[:-1]:
+            if not hasattr(parent, p):
+                parent.add_module(p, torch.nn.Module())
+            parent = getattr(parent, p)
+        parent.add_module(parts[-1], torch.nn.Linear(m.in_features, m.out_features, bias=False))
+    torch.manual_seed(0)
+    for p in root.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return root
+
+
+@pytest.mark.parametrize("opts", [dict(bits=3, quantizer="ecsq"), dict(bits=2, quantizer="auto"),
+                                  dict(bits=3, container=2), dict(bits=16, container=2)])
+def test_apply_adds_the_decoded_delta_for_v2_files(tmp_path, opts):
+    torch = pytest.importorskip("torch")
+    ad = adapter(sine=True)
+    for m in ad.modules:  # exactly float16 values: --bits 16 stores them as F16 field streams
+        m.A, m.B = (x.astype(np.float16).astype(np.float32) for x in (m.A, m.B))
+    p = deltacodec.encode(ad, out=str(tmp_path / "a.sld"), **opts)
+    f = deltacodec.load(p)
+    model = _model_for(ad)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    deltacodec.apply(model, p, backend="torch")
+    after = model.state_dict()
+    for m in ad.modules:
+        A, B = f.dequantize(m.name)
+        e = f.module(m.name)
+        d = AdapterModule(name=m.name, A=A, B=B, scale=e.scale, sine=e.sine, omega=e.omega, gamma=e.gamma).delta()
+        key = m.name[len("base_model.model."):] + ".weight"
+        got = (after[key].double() - before[key].double()).numpy()
+        # apply forms ΔW in float32 and adds it to a float32 W of ~0.02: float32 rounding of the
+        # rank-4 sums, the sine and the addition stays far below 1e-6 of max |ΔW|
+        np.testing.assert_allclose(got, d, rtol=0, atol=1e-6 * max(1.0, float(np.abs(d).max())))
