@@ -5,7 +5,7 @@ names prefix-compressed and each tensor's side information carried in its map.
 Root map: ``metadata`` (map), ``defaults`` (map: module fields shared by all modules),
 ``lanes`` (int 1..32: rANS lanes of every stream), ``modules`` and ``tensors`` (arrays), and
 optionally ``required`` (array of extension names, none defined: a reader rejects any it does
-not know). Other root keys are ignored (section 14).
+not know). Other root keys are ignored (section 15).
 
 Entries become the same :class:`~deltacodec.header.TensorEntry` / ``ModuleEntry`` as version 1,
 so every consumer works unchanged: a quantized tensor is a ``codebook`` entry of width 8 whose
@@ -86,7 +86,7 @@ class _ParserV2(_Parser):
                                             "against them, so those keys precede 'modules' and 'tensors'")
                 self.entries(key, hdr)
             else:
-                # an unknown root key: ignored (section 14), but still bounded like metadata
+                # an unknown root key: ignored (section 15), but still bounded like metadata
                 self.value(f"root.{show(key, 40)}", 2)
         missing = [k for k in ROOT_KEYS if k not in seen]
         if missing:
@@ -130,7 +130,7 @@ class _ParserV2(_Parser):
                 raise self.fail(where, "expected an array of str")
             if obj:
                 raise self.fail(where, f"the file requires the extension {show(obj[0])}, which this reader "
-                                       "does not implement (section 14)")
+                                       "does not implement (section 15)")
         else:
             d = self.as_map(obj, where)
             for k in d:

@@ -3,7 +3,7 @@
 One *stream* codes a sequence of *segments* (one per tensor), each with its own
 :class:`~deltacodec.freqtable.FreqTable`; the coder state runs on across segments, so a stream's
 fixed cost (``4·lanes`` bytes of final state) is paid once, not per tensor. The stream layout
-and the decoding procedure are specified in docs/v2-coder-draft.md; in short:
+and the decoding procedure are specified in spec/sld-format.md part 2 (§13); in short:
 
 * state ``x`` of each lane in ``[2^16, 2^32)``; symbol ``g`` of the stream (counted over all
   segments) uses lane ``g mod N``;

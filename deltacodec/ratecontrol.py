@@ -85,7 +85,7 @@ class CodedTensor:
     codebook_scale: float = 0.0
 
     def write_side_info(self, bw: BitWriter) -> None:
-        """Method bit, table, then the method's parameters (docs/v2-coder-draft.md)."""
+        """Method bit, table, then the method's parameters (spec/sld-format.md part 2 (§13))."""
         bw.bits(1 if self.method == "kmeans" else 0, 1)
         self.table.write(bw)
         if self.method == "ecsq":
