@@ -400,6 +400,21 @@ class SldFile:
 
         return _Payload(read_z, finish_z)
 
+    def _tensor_rans(self, e: TensorEntry, need: int) -> np.ndarray:
+        """A version-2 quantized tensor decoded straight to its values (one pass in the compiled
+        decoder: symbol → value, no index array)."""
+        self._check_data_crc(e)
+        lanes, side = e.coder
+        try:
+            sec = self._read(self.data_offset + e.offset, e.length, e)
+            out = np.empty(e.numel, dtype=np.float32)
+            rans.decode_values(sec, [(e.numel, side.table, side.values)], lanes, out=out)
+        except rans.RansError as exc:
+            raise SldFormatError(f"{self._where(e)}: rANS stream: {exc}") from None
+        except MemoryError:
+            raise self._oom(e, need) from None
+        return out.reshape(e.shape)
+
     def _check_data_crc(self, e: TensorEntry) -> None:
         """Version 2: the CRC-32 of the whole data area, checked once (streamed) before the first
         section is decoded, so no decoded value comes from a corrupt file."""
@@ -570,6 +585,8 @@ class SldFile:
         raw tensors to float16 (F16), float32 (BF16 widened exactly, F32) or float64 (F64)."""
         e = self._lookup(entry_or_name)
         need = e.numel * e.decoded_dtype.itemsize
+        if e.compression == "rans":
+            return self._tensor_rans(e, need)
         try:
             out = np.empty(e.numel, dtype=e.decoded_dtype)
             pos = 0

@@ -48,6 +48,7 @@ class QuantSide:
     table: FreqTable
     values: np.ndarray  # float32, table.size entries: value of symbol s = index imin + s
     bits: int  # kmeans: the codebook's bits; ecsq: ceil(log2 K), at least 1
+    nbytes: int = 0  # bytes of the side information as stored
 
     @property
     def bound(self) -> float:
@@ -115,7 +116,7 @@ def read_quant(data: bytes) -> QuantSide:
     if not np.isfinite(values).all():
         s = int(np.flatnonzero(~np.isfinite(values))[0])
         raise SideInfoError(f"the value of index {table.imin + s} is not finite in float32")
-    return QuantSide(method, table, values.astype(np.float32), bits)
+    return QuantSide(method, table, values.astype(np.float32), bits, len(data))
 
 
 def read_fields(data: bytes) -> FieldSide:
