@@ -349,8 +349,8 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         return build([])
     from .ratecontrol import MAX_LEVELS, Target, encode_modules
 
-    # What the container adds around the plan's stream and side information: the header
-    # (measured with every factor at its smallest) and a stream per tensor instead of one.
+    # What the container adds around the plan's streams and side information: the header
+    # (measured with every factor at its smallest: a stream of 4·LANES bytes and a few side bytes)
     floor = build([_module_dict(m, _min_tensor(m.A), _min_tensor(m.B)) for m in mods])
     overhead = len(floor) - sum(2 * (4 * LANES + 2) for _ in mods)
     if kind == "size" and value < len(floor):
@@ -362,15 +362,16 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         if value * params / 8.0 < len(floor):
             raise EncodeError(f"encoding {_src_name(src)}: {value} bits/param is unreachable: the smallest file is "
                               f"{len(floor):,} bytes = {8.0 * len(floor) / params:.4g} bits/param")
-    overhead += 4 * LANES * (2 * total - 1)
     goal = float(value)
     data = b""
     for attempt in range(4):
         t_kind = "bits" if kind == "bits" else kind
         plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
                               overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
-                              lanes=LANES, max_levels=MAX_LEVELS)
-        modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES), coded_tensor(plan.tensors[2 * i + 1], LANES))
+                              lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False)
+        st = plan.streams
+        modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES, st[2 * i]),
+                                coded_tensor(plan.tensors[2 * i + 1], LANES, st[2 * i + 1]))
                    for i, m in enumerate(mods)]
         data = build(modules)
         if kind == "size" and len(data) > value:

@@ -24,13 +24,15 @@ __all__ = ["coded_tensor", "kmeans_tensor", "lossless_tensor", "lossless_dtype",
 _F16_MAX = 65504.0
 
 
-def coded_tensor(t: CodedTensor, lanes: int) -> dict[str, Any]:
-    """A rate-controlled tensor (ratecontrol.CodedTensor) as a version-2 quantized tensor."""
+def coded_tensor(t: CodedTensor, lanes: int, stream: bytes | None = None) -> dict[str, Any]:
+    """A rate-controlled tensor (ratecontrol.CodedTensor) as a version-2 quantized tensor
+    (``stream``: its indices already coded with ``lanes`` lanes)."""
     if t.table.size > MAX_SYMBOLS_Q:
         raise EncodeError(f"tensor '{t.name}': {t.table.size} quantizer levels, over the cap of {MAX_SYMBOLS_Q}")
     bw = BitWriter()
     t.write_side_info(bw)
-    section = rans.encode([(np.asarray(t.indices, dtype=np.int32), t.table)], lanes=lanes)
+    section = stream if stream is not None else rans.encode([(np.asarray(t.indices, dtype=np.int32), t.table)],
+                                                             lanes=lanes)
     return {"shape": t.shape, "encoding": "q", "side": bw.getvalue(), "section": section,
             "method": t.method, "values": t.values}
 

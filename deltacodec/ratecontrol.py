@@ -134,6 +134,9 @@ class Plan:
     rounds: int
     side_bytes: int = 0
     history: list[tuple[float, float]] = field(default_factory=list)  # (λ, bytes) per round
+    # per_tensor=True: one stream per tensor (what container version 2 stores); ``stream`` is
+    # then their concatenation (for sizes), not a decodable stream
+    streams: list[bytes] | None = None
 
     @property
     def params(self) -> int:
@@ -406,7 +409,8 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int, max_levels
 
 
 def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice: np.ndarray,
-           refit: bool, lanes: int, max_levels: int | None = None) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int]:
+           refit: bool, lanes: int, max_levels: int | None = None, per_tensor: bool = False,
+           errors: bool = True) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int, list[bytes] | None]:
     tensors: list[CodedTensor] = []
     reports: list[ModuleReport] = []
     side = 0
@@ -422,15 +426,18 @@ def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice:
         tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]),
                               max_levels)
         b_hat = tb.values.reshape(m.B.shape)
-        err = relative_error(m.A, m.B, a_hat, b_hat, sine=m.sine, omega=m.omega)
         est = math.sqrt(max(wa * float(np.sum((a_hat - m.A) ** 2)) + wb_hat * float(np.sum((b_hat - b_target) ** 2)), 0.0))
+        err = relative_error(m.A, m.B, a_hat, b_hat, sine=m.sine, omega=m.omega) if errors else est
         sb = ta.side_bits() + tb.side_bits()
         side += (ta.side_bits() + 7) // 8 + (tb.side_bits() + 7) // 8
         reports.append(ModuleReport(m.name, m.A.size + m.B.size, ta.index_bits() + tb.index_bits() + sb,
                                     err, est, (ta.method, tb.method)))
         tensors += [ta, tb]
+    if per_tensor:
+        streams = [rans.encode([(t.indices, t.table)], lanes=lanes) for t in tensors]
+        return tensors, b"".join(streams), reports, side, streams
     stream = rans.encode([(t.indices, t.table) for t in tensors], lanes=lanes)
-    return tensors, stream, reports, side
+    return tensors, stream, reports, side, None
 
 
 def encode_modules(
@@ -445,6 +452,8 @@ def encode_modules(
     lanes: int = rans.LANES,
     allocation: str = "sum",
     max_levels: int | None = None,
+    per_tensor: bool = False,
+    errors: bool = True,
 ) -> Plan:
     """Quantize and code the A/B factors of ``modules`` (objects with ``name, A (r×in), B
     (out×r), sine, omega``, e.g. :class:`deltacodec.adapter.AdapterModule`) for ``target``.
@@ -459,6 +468,9 @@ def encode_modules(
     minimax choice: it is the smallest file meeting the bound. ``max_levels``: cap on the
     quantizer levels of an ECSQ tensor (the container passes :data:`MAX_LEVELS`, 256, so indices
     fit the apply kernels' 8-bit fields); a capped tensor gets a coarser step than its curve point.
+    ``per_tensor``: code each tensor in a stream of its own (``Plan.streams``; container version
+    2). ``errors=False``: skip measuring each module's ΔW error (``rel_error`` is then the
+    estimate; ``max_error`` targets always measure).
     """
     if allocation not in ("sum", "minimax"):
         raise ValueError(f"allocation must be 'sum' or 'minimax', got {allocation!r}")
@@ -497,8 +509,9 @@ def encode_modules(
         if kind in ("size", "bits_per_param", "bits"):
             budget = _budget_bits(kind, goal, params, fixed_bits)
             choice = _fill(model, choice, budget)
-        tensors, stream, reports, side = _apply(mods, curves, weights, choice, refit, lanes, max_levels)
-        plan = Plan(tensors, stream, reports, lam, overhead_bytes, rounds, side, history)
+        tensors, stream, reports, side, streams = _apply(mods, curves, weights, choice, refit, lanes, max_levels,
+                                                         per_tensor, errors or kind == "max_error")
+        plan = Plan(tensors, stream, reports, lam, overhead_bytes, rounds, side, history, streams)
         history.append((lam, float(plan.total_bytes)))
         if kind == "lambda" or rounds >= max_rounds:
             return plan
