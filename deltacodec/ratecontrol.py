@@ -391,21 +391,45 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int, max_levels
     # the multiplier the curve was estimated with, so that the tensor lands on the chosen point
     # (λ/w would be the textbook choice but moves the rate away from the estimate at low rates)
     # the curve's sample places the cells (B after the refit is close to the B it was drawn from)
-    if max_levels is not None:
-        # a cap on the levels (the apply kernels' 8-bit index fields): no step so fine that
-        # nearest rounding needs more
-        step = max(step, float(np.float64(flat.max()) - np.float64(flat.min())) / (max_levels - 3))
-    q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
-    lo, hi = int(q.indices.min()), int(q.indices.max())
-    while max_levels is not None and hi - lo + 1 > max_levels:
-        # the kernel cap (8-bit index fields, spec §12.3): widen the step until the alphabet fits;
-        # the tensor then costs fewer bits than its curve point, which the rate loop sees
-        step *= (hi - lo + 1) / (max_levels - 1) * 1.02
-        q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
+    mu = ecsq.HIGH_RATE_MU * step * step
+    span = float(np.float64(flat.max()) - np.float64(flat.min()))
+    if max_levels is not None and span / step > max_levels - 3:
+        # a cap on the levels (the apply kernels' 8-bit index fields) binds: either widen the step
+        # until nearest rounding fits, or keep the step and clip the tails into a window of
+        # max_levels - 5 steps around 0; keep whichever has the lower J = SSE + μ·bits
+        options = [_capped(flat, max(step, span / (max_levels - 3)), curve.sample, max_levels)]
+        half = (max_levels - 5) // 2 * step
+        clipped = _capped(np.clip(flat, -half, half), step, None, max_levels)
+        if clipped is not None:
+            options.append(clipped)
+        q, lo, hi = min((o for o in options if o is not None), key=lambda o: _lagrangian(flat, o, mu))
+    else:
+        q = ecsq.quantize(flat, step, mu, sample=curve.sample)
         lo, hi = int(q.indices.min()), int(q.indices.max())
     c = np.bincount(q.indices - lo, minlength=hi - lo + 1)
     table = best_table(c, lo)
     return CodedTensor(name, shape, "ecsq", q.indices, table, q.values(), q.step_bits, q.theta1, q.theta2)
+
+
+def _capped(x: np.ndarray, step: float, sample, max_levels: int):
+    """ECSQ of ``x`` at ``step`` (widened until at most ``max_levels`` levels): (q, lo, hi)."""
+    for _ in range(8):
+        q = ecsq.quantize(x, step, ecsq.HIGH_RATE_MU * step * step, sample=sample)
+        lo, hi = int(q.indices.min()), int(q.indices.max())
+        if hi - lo + 1 <= max_levels:
+            return q, lo, hi
+        step *= (hi - lo + 1) / (max_levels - 1) * 1.02
+    return None
+
+
+def _lagrangian(x: np.ndarray, option, mu: float) -> float:
+    """SSE against ``x`` plus μ times the indices' ideal code length (bits, zeroth order)."""
+    q, lo, hi = option
+    c = np.bincount(q.indices - lo, minlength=hi - lo + 1).astype(np.float64)
+    p = c[c > 0] / x.size
+    bits = float(-(c[c > 0] * np.log2(p)).sum())
+    err = q.values().astype(np.float64) - x.astype(np.float64)
+    return float(err @ err) + mu * bits
 
 
 def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice: np.ndarray,
