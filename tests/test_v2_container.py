@@ -517,3 +517,25 @@ def test_apply_adds_the_decoded_delta_for_v2_files(tmp_path, opts):
         # apply forms ΔW in float32 and adds it to a float32 W of ~0.02: float32 rounding of the
         # rank-4 sums, the sine and the addition stays far below 1e-6 of max |ΔW|
         np.testing.assert_allclose(got, d, rtol=0, atol=1e-6 * max(1.0, float(np.abs(d).max())))
+
+
+def test_inspect_and_decode_of_a_v2_file(tmp_path, capsys):
+    from cli_helpers import run_sld
+    from safetensors.numpy import load_file
+
+    ad = adapter()
+    p = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "a.sld"))
+    f = deltacodec.load(p)
+    rc, out, _ = run_sld(capsys, "inspect", p)
+    assert rc == 0 and ".sld version 2" in out and "rANS-coded quantized tensors" in out
+    rc, out, _ = run_sld(capsys, "inspect", p, "--json")
+    import json
+
+    rows = json.loads(out)["tensors"]
+    assert all(r["levels"] == f._lookup(r["name"]).coder[1].table.size for r in rows)
+    assert sum(r["side_bytes"] for r in rows) < f.header_size
+    # decode to PEFT: the values decode gives (streamed, iter_chunks) are the tensors' values
+    (path,) = [q for q in deltacodec.decode(p, str(tmp_path / "dec.safetensors")) if q.endswith(".safetensors")]
+    t = load_file(path)
+    for e in f.entries():
+        np.testing.assert_array_equal(t[e.name], f.tensor(e))
