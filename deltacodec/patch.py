@@ -335,13 +335,14 @@ def packed_factor(f: SldFile, entry: TensorEntry, device: "torch.device | str"):
     from .kernels import PackedFactor
 
     if entry.encoding == "codebook":
-        # One decode: the reader unpacks and validates the indices (index range, zero padding);
-        # packing them again gives the stored stream bit for bit (the packing is a bijection
-        # once the padding is zero), without a second read, CRC and zstd pass of the section.
+        # One decode: the reader unpacks and validates the indices (index range, zero padding;
+        # rANS symbols for a version-2 tensor). Packing them again at the entry's width gives a
+        # version-1 section's stream bit for bit (the packing is a bijection once the padding is
+        # zero), without a second read, CRC and entropy pass of the section.
         from .pack import pack_indices
 
-        stream = pack_indices(f.indices(entry), entry.width)
-        codebook = entry.codebook
+        indices, codebook = f.kernel_factor(entry)
+        stream = pack_indices(indices, entry.width)
         if not np.isfinite(codebook).all():  # float16 value × float32 scale can overflow
             raise ApplyError(f"{f.path}: tensor '{entry.name}': the codebook times its scale is not finite in float32")
         data = torch.from_numpy(stream).to(device)
