@@ -269,8 +269,6 @@ def bench_apply(shapes, rank: int, dtype: torch.dtype, repeat: int, tmp: str) ->
             print(f"  (plain: W.addmm_ in {str(dtype).removeprefix('torch.')} on factors rounded to it: "
                   f"{t['low-precision addmm']:.1f} ms over {len(f.modules)} module(s))")
         f.close()
-    del model
-    gc.collect()
     return rows
 
 
@@ -305,12 +303,16 @@ def time_cuda(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench_cuda(rank: int, dtype: torch.dtype, repeat: int, tmp: str) -> tuple[dict, float]:
+def copy_bandwidth(repeat: int) -> float:
+    """Device read+write bandwidth (bytes/s) of a large copy (512 MiB each way)."""
     src = torch.empty(1 << 27, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
     t_copy = time_cuda(lambda: dst.copy_(src), repeat)
-    bandwidth = 2 * src.numel() * 4 / (t_copy * 1e-3)  # bytes / s, read + write
-    del src, dst
+    return 2 * src.numel() * 4 / (t_copy * 1e-3)
+
+
+def bench_cuda(rank: int, dtype: torch.dtype, repeat: int, tmp: str) -> tuple[dict, float]:
+    bandwidth = copy_bandwidth(repeat)
     shapes = [s for s in LAYER_SHAPES if s[0] in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj")]
     path = os.path.join(tmp, "cuda.sld")
     deltacodec.encode(adapter_for(shapes, rank, True), bits=BITS, out=path, force=True)

@@ -562,7 +562,7 @@ def _check_live(f: SldFile, jobs: list[tuple[str, str, "torch.Tensor"]], fingerp
 # --------------------------------------------------------------------------------------------
 
 
-def _write_plan(f: SldFile, targets: list[_Target], keep_original: bool, backend: str) -> tuple[list[_Target], list[_Target]]:
+def _write_plan(f: SldFile, targets: list[_Target], keep_original: bool) -> tuple[list[_Target], list[_Target]]:
     """(targets written with a copy of the weight kept first, targets written without one).
 
     With ``keep_original=True`` every weight is copied (the handle keeps the copies). Without,
@@ -829,7 +829,7 @@ def apply(
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its copy before the write)
     written: list[torch.Tensor] = []  # every tensor written, copied or not
     done: list[str] = []
-    cloned, uncopied = _write_plan(f, targets, keep_original, backend)
+    cloned, uncopied = _write_plan(f, targets, keep_original)
 
     def rollback() -> None:
         for w, orig in reversed(originals):
