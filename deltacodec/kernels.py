@@ -103,7 +103,8 @@ class PackedFactor:
     ``shape``) occupies stream bits ``[i*width, (i+1)*width)``, LSB-first: stream bit ``j`` is
     ``(data[j >> 3] >> (j & 7)) & 1`` and the element's index is ``sum_t bit(i*width + t) << t``.
     Fields straddle bytes when ``width`` is 3, 5, 6 or 7.  ``len(data) == ceil(numel*width/8)``.
-    For ``bits == 16``: a float16 tensor of shape ``shape`` (pass-through, no codebook).
+    For ``bits == 16``: a float16 or bfloat16 tensor of shape ``shape`` (pass-through, no
+    codebook; both widen exactly to fp32, and the Triton kernel loads either, as its pointer says).
 
     ``codebook``: float32, length ``2**bits`` (bits 1..8); ``None`` for 16.
     ``width``: field width, ``bits <= width <= 8`` (ignored for 16).
@@ -135,9 +136,9 @@ def _check_factor(f: PackedFactor, name: str) -> None:
         raise SldFormatError(f"factor {name}: shape must be two positive sizes, got {shape}")
     numel = int(shape[0]) * int(shape[1])
     if f.bits == 16:
-        if f.data.dtype != torch.float16 or tuple(f.data.shape) != shape:
+        if f.data.dtype not in (torch.float16, torch.bfloat16) or tuple(f.data.shape) != shape:
             raise SldFormatError(
-                f"factor {name}: bits=16 expects a float16 tensor of shape {shape}, "
+                f"factor {name}: bits=16 expects a float16 or bfloat16 tensor of shape {shape}, "
                 f"got {f.data.dtype} {tuple(f.data.shape)}"
             )
         if f.codebook is not None:
@@ -856,6 +857,8 @@ def compile_for_gpu(
     block_n: int = _GPU_TILE["block_n"],
     num_warps: int = _GPU_TILE["num_warps"],
     aligned: bool = True,
+    a_pass_through: str = "fp16",
+    b_pass_through: str = "fp16",
 ):
     """Compile the kernel for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90, ...)
     without a GPU; returns triton's ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``,
@@ -865,7 +868,9 @@ def compile_for_gpu(
     16-byte aligned tensors: pointers, and with ``aligned`` also ``n_cols`` and ``stride_w_row``
     (as for LLaMA shapes), carry the divisible-by-16 hint.  (The JIT further turns an int
     argument equal to 1 -- rank 1, a one-row W -- into a constant; that only simplifies
-    arithmetic and is not enumerated here.)  Must run without ``TRITON_INTERPRET``.
+    arithmetic and is not enumerated here.)  ``a_pass_through``/``b_pass_through``: the element
+    type of a width-16 factor, ``"fp16"`` or ``"bf16"`` (a lossless bf16 adapter's factors; the
+    same kernel source, another pointer type).  Must run without ``TRITON_INTERPRET``.
     """
     if _interpreting():
         raise ApplyError("compile_for_gpu needs TRITON_INTERPRET unset (the interpreter does not compile)")
@@ -873,20 +878,22 @@ def compile_for_gpu(
         raise ApplyError(f"widths must be in {FACTOR_WIDTHS}, got {a_width}, {b_width}")
     if w_dtype not in W_DTYPES or block_r not in RANK_BLOCKS:
         raise ApplyError(f"unsupported w_dtype {w_dtype} or block_r {block_r}")
+    if a_pass_through not in ("fp16", "bf16") or b_pass_through not in ("fp16", "bf16"):
+        raise ApplyError(f"pass-through factors are fp16 or bf16, got {a_pass_through}, {b_pass_through}")
     kernel = _triton_kernel()
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
-    def stream(width: int) -> str:
-        return "*fp16" if width == 16 else "*u8"
+    def stream(width: int, pass_through: str) -> str:
+        return "*" + pass_through if width == 16 else "*u8"
 
     signature = {
         "w_ptr": "*" + _TRITON_DTYPE_NAMES[w_dtype],
         "n_rows": "i32",
         "n_cols": "i32",
         "stride_w_row": "i32",
-        "a_data_ptr": stream(a_width),
+        "a_data_ptr": stream(a_width, a_pass_through),
         "a_codebook_ptr": "*fp32",
-        "b_data_ptr": stream(b_width),
+        "b_data_ptr": stream(b_width, b_pass_through),
         "b_codebook_ptr": "*fp32",
         "rank": "i32",
         "omega": "fp32",

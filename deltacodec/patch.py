@@ -349,11 +349,16 @@ def packed_factor(f: SldFile, entry: TensorEntry, device: "torch.device | str"):
         cb = torch.from_numpy(codebook.copy()).to(device)
         return PackedFactor(data, cb, entry.bits, entry.width, tuple(entry.shape))
     values = f.raw_array(entry)
-    if entry.dtype != "F16":
-        # The kernels take codebooks or float16 pass-through; this writer makes nothing else, and
-        # rounding another writer's F32/BF16 factors to float16 would silently change them.
-        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook and F16 factors")
-    return PackedFactor(torch.from_numpy(values.copy()).to(device), None, 16, 16, tuple(entry.shape))
+    if entry.dtype not in ("F16", "BF16"):
+        # The kernels take codebooks or 16-bit pass-through; rounding another writer's F32/F64
+        # factors to 16 bits would silently change them.
+        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook, F16 and BF16 factors")
+    data = torch.from_numpy(np.ascontiguousarray(values))
+    if entry.dtype == "BF16":  # the reader widened it to float32 exactly; narrowing back is exact too
+        data = data.to(torch.bfloat16)
+    else:
+        data = data.clone()
+    return PackedFactor(data.to(device), None, 16, 16, tuple(entry.shape))
 
 
 def _replacement_value(f: SldFile, r: _Replacement) -> "torch.Tensor":

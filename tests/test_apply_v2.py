@@ -61,3 +61,35 @@ def test_a_v2_file_applies_its_decoded_delta(tmp_path, quantizer, sine, backend,
         # of x, |x| <~ 0.1, by 100): every error term is below 1e-6 absolute
         np.testing.assert_allclose(got, d, rtol=0, atol=1e-6)
         assert np.abs(d).max() > 1e-3  # the delta is not trivially small
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_lossless_bf16_adapter_applies_its_exact_factors(tmp_path, backend):
+    """--bits 16 in a version-2 container keeps bf16 factors bit-exact (raw BF16 entries); apply
+    takes them as bf16 pass-through factors, widened exactly to fp32."""
+    if backend == "triton" and not kernels.triton_available():
+        pytest.skip("triton is not installed")
+    from safetensors.torch import save_file
+
+    src = tmp_path / "bf16"
+    src.mkdir()
+    g = torch.Generator().manual_seed(2)
+    state = {}
+    for name, o, i, r in SHAPES:
+        state[f"{name}.lora_A.weight"] = (torch.randn(r, i, generator=g) / i**0.5).to(torch.bfloat16)
+        state[f"{name}.lora_B.weight"] = (torch.randn(o, r, generator=g) * 0.1).to(torch.bfloat16)
+    save_file(state, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    f = deltacodec.load(deltacodec.encode(str(src), bits=16, container=2, out=str(tmp_path / "a.sld")))
+    assert {e.dtype for e in f.entries()} == {"BF16"}
+    model = model_for(torch.float32)
+    before = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    deltacodec.apply(model, f, backend=backend, keep_original=False)
+    for m in f.modules:
+        A = state[f"{m.name}.lora_A.weight"].double().numpy()  # the source's own values
+        B = state[f"{m.name}.lora_B.weight"].double().numpy()
+        d = m.scale * (B @ A)
+        key = m.name[len("base_model.model."):] + ".weight"
+        got = model.state_dict()[key].double().numpy() - before[key].numpy()
+        np.testing.assert_allclose(got, d, rtol=0, atol=1e-6)  # fp32 rounding only (rank 4, |ΔW| < 1)
+        assert np.abs(d).max() > 1e-3

@@ -500,6 +500,35 @@ def test_proven_fast_path_takes_no_reduction_over_w(monkeypatch):
     assert calls == []
 
 
+def bf16_factor(rng: np.random.Generator, shape, spread: float):
+    """A bfloat16 pass-through PackedFactor and its exact values as float64."""
+    values = torch.from_numpy((rng.standard_normal(shape) * spread).astype(np.float32)).to(torch.bfloat16)
+    return PackedFactor(values, None, 16, 16, tuple(shape)), values.to(torch.float64).numpy()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_bf16_pass_through_factors_match_the_float64_reference(backend, dtype):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    rng = np.random.default_rng(41)
+    out_f, in_f, rank = 37, 70, 5
+    for sine, omega, fifo in [(True, 300.0, False), (False, 1.0, True)]:
+        typical = 3.0 / omega if sine else 1.0
+        spread = math.sqrt(typical / math.sqrt(rank))
+        A, a = bf16_factor(rng, (rank, in_f), spread)
+        B, b = make_factor(rng, (out_f, rank), 3, 3, spread=spread) if sine else bf16_factor(rng, (out_f, rank), spread)
+        assert np.array_equal(dequantize_torch(A).numpy().astype(np.float64), a)  # exact widening
+        params = dict(scale=1.25, omega=omega, gamma=0.8, sine=sine)
+        shape = (in_f, out_f) if fifo else (out_f, in_f)
+        W = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+        expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=fifo, dtype=dtype)
+        W0 = W.clone()
+        delta_add(W, A, B, fan_in_fan_out=fifo, backend=backend, **params)
+        assert_within(as_f64(W), expected, E, f"{backend} bf16 pass-through, sine={sine}")
+        assert (W != W0).float().mean().item() > 0.5
+
+
 @needs_triton
 def test_triton_kernel_reports_the_largest_sum_over_every_tile():
     # 16x16 tiles over a 40x40 W: the overflowing rows lie in different tiles, the largest in
@@ -665,7 +694,13 @@ def aot_cases() -> list[dict]:
                      w_dtype=str(w_dtype).removeprefix("torch."), block_r=block_r, sine=sine,
                      fan_in_fan_out=fifo, aligned=k != 4)
             )
-    return cases
+    # bf16 pass-through factors (a lossless bf16 adapter): the width-16 pointer as bf16
+    return cases + [
+        dict(arch=80, a_width=16, b_width=3, w_dtype="bfloat16", block_r=16, sine=True, fan_in_fan_out=False,
+             aligned=True, a_pass_through="bf16"),
+        dict(arch=90, a_width=16, b_width=16, w_dtype="float16", block_r=32, sine=False, fan_in_fan_out=True,
+             aligned=True, a_pass_through="bf16", b_pass_through="bf16"),
+    ]
 
 
 _AOT_CHILD = r"""
