@@ -93,3 +93,21 @@ def test_a_lossless_bf16_adapter_applies_its_exact_factors(tmp_path, backend):
         got = model.state_dict()[key].double().numpy() - before[key].numpy()
         np.testing.assert_allclose(got, d, rtol=0, atol=1e-6)  # fp32 rounding only (rank 4, |ΔW| < 1)
         assert np.abs(d).max() > 1e-3
+
+
+def test_a_raw_float32_factor_is_refused_naming_it(tmp_path):
+    """Only codebook and 16-bit pass-through factors reach the kernels: rounding another writer's
+    float32 factor to 16 bits would silently change it."""
+    from sldtools import assemble, lora_module, raw_tensor
+
+    m = lora_module("lin", out_f=4, in_f=6, rank=2)
+    ta, sa = raw_tensor(np.ones((2, 6), dtype=np.float32) / 3, "F32")
+    tb, sb = raw_tensor(np.ones((4, 2), dtype=np.float32), "F16")
+    m["A"], m["B"] = ta, tb
+    (tmp_path / "f32.sld").write_bytes(assemble([m], [], [sa, sb]))
+    lin = torch.nn.Sequential()
+    lin.add_module("lin", torch.nn.Linear(6, 4, bias=False))
+    w0 = lin.lin.weight.detach().clone()
+    with pytest.raises(deltacodec.ApplyError, match=r"f32\.sld: tensor 'lin\.lora_A\.weight' is raw F32; apply supports codebook, F16 and BF16"):
+        deltacodec.apply(lin, str(tmp_path / "f32.sld"))
+    assert torch.equal(lin.lin.weight.detach(), w0)
