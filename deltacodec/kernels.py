@@ -24,15 +24,16 @@ evaluated with one fused multiply-add (the torch backend's ``add_(alpha=c)`` may
 The torch backend forms ``y`` as ``(omega' * b) @ a``: folding omega into the rank-r factor
 saves a pass over every chunk of W, and costs one extra rounding per element of ``b``, which
 moves ``y`` by at most ``u * omega * (|b| @ |a|)``, the size of the matmul's own rounding.
-The torch backend forms plain LoRA's sum with ``addmm_(b, a, alpha=c)`` (into W itself when W
-is float32); BLAS may fold ``c`` into ``b`` there (MKL does: one more rounding per element of
-``b``, of the same size as above).
+For plain LoRA with ``|c|`` a power of two (``scale`` 1, 2, 0.5, ...: alpha/r for the usual
+choices) the torch backend forms ``W + c·x`` with one ``addmm_(b, a, alpha=c)``, into W itself
+when W is float32: scaling by such a ``c`` is exact, so that equals the sequence above even where
+BLAS folds ``c`` into ``b`` (MKL does).  Other scales form ``x`` in a buffer first.
 
 Backends
 --------
 * :func:`delta_add_torch` -- reference backend: readable, runs on any device, and fast on CPU
   (row-chunked, in place, at most two pre-allocated fp32 chunk buffers; no full-size temporaries;
-  plain LoRA on a float32 W proven finite is one in-place addmm_).
+  plain LoRA with a power-of-two scale on a float32 W proven finite is one in-place addmm_).
 * :func:`delta_add_triton` -- one fused Triton kernel that reads the packed streams and codebooks
   as stored, unpacks and dequantizes the factor tiles in registers, forms the rank-r product with
   ``tl.dot`` and patches the ``W`` tile in place.  Runs on CUDA, and on CPU tensors under
@@ -363,6 +364,17 @@ def delta_coefficient(*, scale: float, gamma: float, sine: bool) -> float:
     return value
 
 
+#: Where the torch backend may form plain LoRA's sum with one addmm_ (see delta_add_torch).
+_FUSED_MIN_SIDE = 64
+_FUSED_MAX_RANK = 64
+
+
+def _power_of_two(c: float) -> bool:
+    """|c| = 2**k: c·x is exact in fp32 (short of overflow, and of results below the normal
+    range, where it differs from the rounded product by less than the smallest subnormal)."""
+    return c != 0.0 and math.isfinite(c) and math.frexp(abs(c))[0] == 0.5
+
+
 def _omega32(omega: float) -> float:
     value = float(np.float32(omega))
     if not math.isfinite(value):
@@ -400,8 +412,9 @@ def delta_add_torch(
 
     W is processed in chunks of whole rows.  Per chunk: sine: ``matmul(..., out=buf)`` into a
     pre-allocated fp32 buffer and ``buf.sin_()`` (omega is folded into B), then the fp32 sum
-    ``W + c·buf``; plain: the fp32 sum by ``addmm_(left, right, alpha=c)`` (BLAS may fold ``c``
-    into ``left``: see the module docstring).  A float32 W holds its own sum; otherwise the sum
+    ``W + c·buf``; plain: likewise without the sine, or, when ``|c|`` is a power of two, the sum
+    by one ``addmm_(left, right, alpha=c)`` (see the module docstring).  A float32 W holds its
+    own sum; otherwise the sum
     is formed in a second fp32 buffer from W widened exactly, and copied back with one rounding
     to W's dtype.  Peak extra memory is two chunks (``chunk_elements`` fp32 values each) plus
     the dequantized factors, whatever the size of W.
@@ -419,8 +432,8 @@ def delta_add_torch(
 
     ``proven=True``: the caller has established with :func:`finite_by_bound` on this W and these
     factors that every sum is finite; the per-chunk checks are skipped (one reduction over W
-    less), and plain LoRA on a float32 W is one in-place ``W.addmm_(left, right, alpha=c)``, no
-    buffer at all.
+    less), and plain LoRA with a power-of-two ``|c|`` on a float32 W is one in-place
+    ``W.addmm_(left, right, alpha=c)``, no buffer at all.
     """
     _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
@@ -436,7 +449,15 @@ def delta_add_torch(
         left, right = a.t().contiguous(), b.t().contiguous()  # (in, r), (r, out)
     else:
         left, right = b, a  # (out, r), (r, in)
-    if proven and not sine and W.dtype == torch.float32:
+    # addmm_(alpha=c) is the documented d = c·x, W + d only when scaling by c is exact (|c| a
+    # power of two: BLAS may fold c into ``left``, as MKL does) and the BLAS forms the whole
+    # rank-r sum before it updates W once. MKL does for these shapes (tested bit for bit against
+    # the buffered sequence); with a side under 16 torch takes another path that accumulates
+    # into W term by term, hence the size floor. Everything else: product into a buffer, then
+    # W + c·buffer.
+    fused = (not sine and _power_of_two(c) and min(W.shape) >= _FUSED_MIN_SIDE
+             and int(left.shape[1]) <= _FUSED_MAX_RANK)
+    if proven and fused and W.dtype == torch.float32:
         # W's own storage is the fp32 accumulator: nothing to round afterwards, no buffer.
         W.addmm_(left, right, alpha=c)
         return
@@ -448,7 +469,8 @@ def delta_add_torch(
     # Every op below works on one dtype: mixed-dtype elementwise ops (bf16 + fp32) are not
     # vectorised on CPU and cost 5-10x a widening copy_ followed by an fp32 op.
     shape = (chunk_rows, n_cols)
-    dbuf = torch.empty(shape, dtype=torch.float32, device=W.device) if sine else None  # sin(omega x)
+    # x = left @ right (sin(omega x) for sine), unless addmm_ adds it straight into the sum
+    dbuf = None if fused else torch.empty(shape, dtype=torch.float32, device=W.device)
     sbuf: torch.Tensor | None = None  # the fp32 sum W + c·d, made when W cannot hold it itself
     limit = OVERFLOW_AT[W.dtype]
     room = math.inf if proven else _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
@@ -456,15 +478,16 @@ def delta_add_torch(
     for r0 in range(0, n_rows, chunk_rows):
         r1 = min(n_rows, r0 + chunk_rows)
         w = W[r0:r1]
-        if sine:
+        if not fused:
             d = torch.matmul(left[r0:r1], right, out=dbuf[: r1 - r0])
-            d.sin_()
+            if sine:
+                d.sin_()
         safe = proven or (largest is None and _largest_magnitude(w) <= room)  # NaN/inf in w: not <= room
         if safe and W.dtype == torch.float32:
-            if sine:
-                w.add_(d, alpha=c)
-            else:
+            if fused:
                 w.addmm_(left[r0:r1], right, alpha=c)
+            else:
+                w.add_(d, alpha=c)
             continue
         # The fp32 sum aside: W widened exactly, the delta added, then (after the check on the
         # exact path) the one rounding to W's dtype (round to nearest even) as it is copied back.
@@ -472,10 +495,10 @@ def delta_add_torch(
             sbuf = torch.empty(shape, dtype=torch.float32, device=W.device)
         t = sbuf[: r1 - r0]
         t.copy_(w)
-        if sine:
-            t.add_(d, alpha=c)
-        else:
+        if fused:
             t.addmm_(left[r0:r1], right, alpha=c)
+        else:
+            t.add_(d, alpha=c)
         if not safe:  # rounding to W's dtype overflows exactly when |sum| >= limit
             m = _largest_magnitude(t)
             if largest is not None or not m < limit:

@@ -137,9 +137,7 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
       bound takes the sum of both forms' terms.  sin is
       1-Lipschitz, so sin(omega*x) amplifies an absolute error in x by up to omega; plus
       SIN_ULPS*u for the sin implementation; times |c|, plus u*|c| for rounding c*s (|s| <= 1).
-    * plain: d = fl(c*x): |d - D| <= |c|*g*S + u*|c|*(|X| + g*S); or, with c folded into the
-      thin factor (a BLAS addmm with alpha=c, the proven fp32 path), x' = fl(c*b) @ a:
-      |x' - c*X| <= |c|*g*S*(1 + u) + u*|c|*S.  The bound takes the sum of both forms' terms.
+    * plain: d = fl(c*x): |d - D| <= |c|*g*S + u*|c|*(|X| + g*S).
     * t = fl(w + d): adds u*|t| with |t| <= T = (|W0 + D| + err_d)*(1 + u); for fp16/bf16 the
       single rounding of t to W's dtype adds half an ulp of that dtype at T.
     * A last term covers the float64 reference's own roundings (omega*X, sin, c*sin, W0 + D).
@@ -150,7 +148,7 @@ def error_bound(*, W0, D, X, S, c, omega32, rank, sine, dtype):
         err_y = omega32 * g * S + U32 * omega32 * (absX + g * S) + U32 * omega32 * S * (1 + g)
         err_d = abs(c) * (err_y + SIN_ULPS * U32) + U32 * abs(c)
     else:
-        err_d = abs(c) * g * S + U32 * abs(c) * (absX + g * S) + abs(c) * S * (g * U32 + U32)
+        err_d = abs(c) * g * S + U32 * abs(c) * (absX + g * S)
     T = (np.abs(W0 + D) + err_d) * (1 + U32)
     bound = err_d + U32 * T
     if dtype != torch.float32:
@@ -483,6 +481,61 @@ def test_finite_by_bound_proves_ordinary_weights_and_nothing_near_the_top_of_the
     cb = torch.tensor([math.inf, 1.0])
     A_inf = PackedFactor(torch.tensor([2], dtype=torch.uint8), cb, 1, 1, (1, 2))  # indices 0, 1
     assert not finite_by_bound(W, A_inf, B, **plain)
+
+
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("proven", [True, False], ids=["proven", "checked"])
+def test_power_of_two_scales_take_addmm_and_other_scales_a_buffer_both_within_the_bound(dtype, proven, monkeypatch):
+    # addmm_(alpha=c) is the documented d = fl(c*x), W + d only when c*x is exact; rank 1 makes
+    # the bound tight (S = |X|), so a rounded c*b folded into the product would show.
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(k.get("alpha")) or real(self, *a, **k))
+    for scale, fused in [(1.0, True), (2.0, True), (0.5, True), (-4.0, True), (0.7, False), (1.5, False)]:
+        for rank in (1, 16):
+            W, A, B, a, b, params = make_problem(
+                7, out_f=64, in_f=80, rank=rank, a_spec=(8, 8), b_spec=(16, 16),
+                dtype=dtype, fan_in_fan_out=False, sine=False, omega=1.0,
+            )
+            params["scale"] = scale
+            expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=False, dtype=dtype)
+            calls.clear()
+            delta_add_torch(W, A, B, fan_in_fan_out=False, chunk_elements=1000, proven=proven, **params)
+            assert_within(as_f64(W), expected, E, f"scale {scale}, rank {rank}")
+            assert bool(calls) == fused and all(c == scale for c in calls), (scale, calls)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 1), (300, 257, 16), (257, 300, 64), (1024, 96, 8)],
+                         ids=lambda s: f"{s[0]}x{s[1]}-r{s[2]}")
+def test_the_blas_forms_the_rank_sum_before_it_updates_w(shape):
+    """What the one-addmm_ path relies on: for a power-of-two c, W.addmm_(b, a, alpha=c) equals
+    x = b @ a, then W + c·x, bit for bit (the sum over the rank is formed before W is updated,
+    and c·x is exact). If a BLAS ever breaks this, this test says so."""
+    out_f, in_f, rank = shape
+    g = torch.Generator().manual_seed(rank)
+    for c in (1.0, 2.0, 0.25):
+        W = torch.randn(out_f, in_f, generator=g)
+        b, a = torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g)
+        fused = W.clone().addmm_(b, a, alpha=c)
+        stepwise = W.clone().add_(torch.matmul(b, a) * c)
+        assert torch.equal(fused, stepwise), c
+        assert torch.equal(W.t().clone().addmm_(a.t(), b.t(), alpha=c), stepwise.t()), c  # fan_in_fan_out
+
+
+@pytest.mark.parametrize("out_f, in_f, rank", [(8, 200, 2), (200, 8, 2), (100, 100, 100)])
+def test_small_sides_and_large_ranks_take_the_buffered_sum(out_f, in_f, rank, monkeypatch):
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    W, A, B, a, b, params = make_problem(
+        3, out_f=out_f, in_f=in_f, rank=rank, a_spec=(8, 8), b_spec=(16, 16),
+        dtype=torch.float32, fan_in_fan_out=False, sine=False, omega=1.0,
+    )
+    params["scale"] = 2.0
+    expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=False, dtype=torch.float32)
+    delta_add_torch(W, A, B, fan_in_fan_out=False, proven=True, **params)
+    assert calls == []
+    assert_within(as_f64(W), expected, E, "buffered sum")
 
 
 def test_proven_fast_path_takes_no_reduction_over_w(monkeypatch):
