@@ -353,11 +353,9 @@ def packed_factor(f: SldFile, entry: TensorEntry, device: "torch.device | str"):
         # The kernels take codebooks or 16-bit pass-through; rounding another writer's F32/F64
         # factors to 16 bits would silently change them.
         raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook, F16 and BF16 factors")
-    data = torch.from_numpy(np.ascontiguousarray(values))
+    data = torch.from_numpy(values.copy())
     if entry.dtype == "BF16":  # the reader widened it to float32 exactly; narrowing back is exact too
         data = data.to(torch.bfloat16)
-    else:
-        data = data.clone()
     return PackedFactor(data.to(device), None, 16, 16, tuple(entry.shape))
 
 

@@ -42,7 +42,7 @@ def test_keep_original_false_copies_no_proven_weight_and_matches_keep_original_t
     assert clones.count((4, 6)) == 2  # the handle's copies of lin and other
     clones.clear()
     h = deltacodec.apply(b, path, keep_original=False)
-    assert clones == [] and sorted(h.patched) == ["lin", "other"]
+    assert (4, 6) not in clones and sorted(h.patched) == ["lin", "other"]  # no copy of a weight
     for name in ("lin", "other"):  # the same arithmetic on both paths: bit-identical weights
         assert torch.equal(getattr(a, name).weight, getattr(b, name).weight), name
     assert not torch.equal(a.lin.weight, Tiny().to(dtype).lin.weight)
@@ -65,7 +65,7 @@ def test_a_weight_the_proof_does_not_cover_is_copied_and_patched_first(tmp_path,
     clones.clear()
     deltacodec.apply(model, path, keep_original=False)
     assert order == [("other", False), ("lin", True)]
-    assert clones == [(4, 6)]  # other's copy only, dropped once the whole patch succeeded
+    assert clones.count((4, 6)) == 1  # other's copy only, dropped once the whole patch succeeded
     assert not torch.equal(model.lin.weight, before["lin.weight"])
 
 
@@ -79,7 +79,7 @@ def test_an_overflow_in_an_unproven_weight_changes_nothing_without_copies_of_the
     with pytest.raises(ApplyError, match="module 'other'.*not finite in float16.*rolled back 0 patched"):
         deltacodec.apply(model, path, keep_original=False)
     assert_unchanged(model, before)
-    assert clones == [(4, 6)]  # other's; lin (proven) was never copied, nor written
+    assert clones.count((4, 6)) == 1  # other's; lin (proven) was never copied, nor written
 
 
 def test_ctrl_c_during_the_uncopied_writes_is_raised_once_the_adapter_is_applied_whole(tmp_path, monkeypatch):
