@@ -362,6 +362,7 @@ def plot(results: dict[str, dict], path: str) -> None:
 
 
 def main() -> None:
+    global SCALE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--rank", type=int, default=16)
@@ -370,9 +371,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="LLaMA-3-8B layers in table 3")
     parser.add_argument("--skip-layers", action="store_true", help="skip table 3 (it needs ~4 GB per layer-set in fp32)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=SCALE,
+                        help="the modules' scale (2: power of two, plain LoRA takes one addmm_; e.g. 1.5 does not)")
     parser.add_argument("--plot", metavar="PNG", help="also write a bar chart of apply/floor (needs matplotlib)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    SCALE = args.scale
 
     print(f"W dtype {args.dtype}; rank {args.rank}, {BITS}-bit factors; scale={SCALE}, omega={OMEGA}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
