@@ -27,7 +27,10 @@ moves ``y`` by at most ``u * omega * (|b| @ |a|)``, the size of the matmul's own
 For plain LoRA with ``|c|`` a power of two (``scale`` 1, 2, 0.5, ...: alpha/r for the usual
 choices) the torch backend forms ``W + c·x`` with one ``addmm_(b, a, alpha=c)``, into W itself
 when W is float32: scaling by such a ``c`` is exact, so that equals the sequence above even where
-BLAS folds ``c`` into ``b`` (MKL does).  Other scales form ``x`` in a buffer first.
+BLAS folds ``c`` into ``b`` (MKL does), provided the BLAS forms the rank-r sum before it updates
+W (MKL does for both sides >= 16; the backend asks for 64 and rank <= 64, and
+tests/test_kernels.py checks the property bit for bit).  Other scales, and other shapes, form
+``x`` in a buffer first.
 
 Backends
 --------
