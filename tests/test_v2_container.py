@@ -539,3 +539,20 @@ def test_inspect_and_decode_of_a_v2_file(tmp_path, capsys):
     t = load_file(path)
     for e in f.entries():
         np.testing.assert_array_equal(t[e.name], f.tensor(e))
+
+
+def test_v2_without_the_compiled_coder(tmp_path, monkeypatch):
+    """The pure-Python coder writes and reads the same bytes (no compiler on the machine)."""
+    import warnings
+
+    from deltacodec import _native
+
+    ad = adapter()
+    p1 = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "c.sld"))
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_TRIED", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p2 = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "py.sld"))
+        assert open(p1, "rb").read() == open(p2, "rb").read()
+        reference_matches(p2)
