@@ -387,6 +387,9 @@ def test_reader_rejects_bad_v2_headers(tmp_path):
     rejects(tmp_path, changed(lambda h: h["modules"][0]["A"].append(1)), match="has 3 elements, got 4")
     rejects(tmp_path, changed(lambda h: h["modules"][0]["A"].__setitem__(2, "x")), match="expected bin")
     rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("omega", 0.0)), match="omega")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("scale", "2")), match="defaults.scale")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("kind", "dora")), match="defaults.kind")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("fan_in_fan_out", 0)), match="expected bool")
     rejects(tmp_path, changed(lambda h: h["modules"][0].__setitem__("color", 1)), match="unknown key")
     # duplicate names after prefix expansion
     def dup(h):
