@@ -21,7 +21,6 @@ import math
 from typing import Any
 
 from .header import (
-    _CONTROL,
     KINDS,
     MAX_DIM,
     MAX_ENTRIES,
@@ -343,5 +342,3 @@ def parse_header_v2(decoded: bytes, label: str) -> Header:
         if enabled:
             gc.enable()
 
-
-_ = (_CONTROL,)

@@ -501,7 +501,7 @@ def _model_for(ad: Adapter):
 @pytest.mark.parametrize("opts", [dict(bits=3, quantizer="ecsq"), dict(bits=2, quantizer="auto"),
                                   dict(bits=3, container=2), dict(bits=16, container=2)])
 def test_apply_adds_the_decoded_delta_for_v2_files(tmp_path, opts):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     ad = adapter(sine=True)
     for m in ad.modules:  # exactly float16 values: --bits 16 stores them as F16 field streams
         m.A, m.B = (x.astype(np.float16).astype(np.float32) for x in (m.A, m.B))
