@@ -559,3 +559,24 @@ def test_v2_without_the_compiled_coder(tmp_path, monkeypatch):
         p2 = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "py.sld"))
         assert open(p1, "rb").read() == open(p2, "rb").read()
         reference_matches(p2)
+
+
+@pytest.mark.parametrize("opts", [dict(bits=16, container=2), dict(bits=3, quantizer="ecsq")])
+def test_v2_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path, opts):
+    """Tensor by tensor: a section, its symbols, the joined words or values in runs: about
+    twice the largest tensor (4 MiB as float32), never the file (32 MiB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n_in = 1 << 16
+    mods = [AdapterModule(f"m{i}", A=rng.normal(size=(16, n_in)).astype(np.float16).astype(np.float32),
+                          B=rng.normal(size=(8, 16)).astype(np.float32), scale=1.0) for i in range(8)]
+    f = deltacodec.load(deltacodec.encode(Adapter(modules=mods), out=str(tmp_path / "big.sld"), **opts))
+    largest, total = 16 * n_in * 4, sum(e.numel for e in f.entries()) * 4
+    tracemalloc.start()
+    try:
+        deltacodec.decode(f, str(tmp_path / "dec"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * largest < total / 3, (peak, largest, total)
