@@ -172,7 +172,9 @@ def encode(
     if quantizer not in QUANTIZERS + V2_QUANTIZERS:
         raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS + V2_QUANTIZERS)}")
     if container is None:
-        container = 2 if quantizer in V2_QUANTIZERS else DEFAULT_CONTAINER
+        # 16 bits means lossless, which only version 2 is for bf16 sources
+        lossless = kind == "bits" and value == PASSTHROUGH_BITS
+        container = 2 if quantizer in V2_QUANTIZERS or lossless else DEFAULT_CONTAINER
     if container not in (1, 2):
         raise EncodeError(f"container must be 1 or 2, got {container!r}")
     if kind == "bits":
