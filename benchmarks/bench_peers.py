@@ -30,8 +30,12 @@ trained adapters the same at equal held-out loss. The issue's goal is ≤ 0.85 a
     python benchmarks/bench_peers.py --layers 1 --no-trained        # synthetic only, quick
     python benchmarks/bench_peers.py --plot benchmarks/out/peers/peers.png
 
+Lossless: the adapter rounded to fp16 and to bf16 (what a user holds in 16 bits), through
+deltacodec ``bits=16`` and the 16-bit peers on the same values; ``exact`` = decodes bit for bit.
+
 Outputs in --out (default benchmarks/out/peers/): points.csv (one row per adapter × arm),
-ratios.csv (the equal-distortion ratios), and the PNG with --plot. Stdout: the tables.
+ratios.csv (the equal-distortion ratios), lossless.csv, and the PNG with --plot. Stdout: the
+tables.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from deltacodec.dwerror import relative_error  # noqa: E402
 from peers import Coded  # noqa: E402
 from peers.compare import bytes_at, equal_distortion_ratio, pareto_front, smallest_within  # noqa: E402
 from peers.ggml_lib import GgmlQuantizer, load_ggml  # noqa: E402
-from peers.gguf_quants import GGUF_TYPES, code_factor, gguf_has_quantizer  # noqa: E402
+from peers.gguf_quants import GGUF_TYPES, code_factor, gguf_file_size, gguf_has_quantizer  # noqa: E402
 from peers.lossless import code_zipnn, code_zstd, zipnn_version  # noqa: E402
 from peers.nf4 import code_nf4  # noqa: E402
 
@@ -171,13 +175,24 @@ class ArmResult:
     pad: int = 0
     exact: bool | None = None
     sld_path: str | None = None
+    container_bytes: int | None = None  # the whole file where one is written (GGUF, .sld)
 
 
-def _factorwise(adapter: Adapter, arm: str, family: str, code: Callable[[np.ndarray, bool], Coded]) -> ArmResult:
-    """A peer that codes every factor separately: ``code(x, is_B)``."""
+def _gguf_name(i: int, module: str) -> str:
+    # llama.cpp-like names ("blk.N.<proj>.weight.lora_a"): GGUF caps names at 64 bytes
+    return f"blk.{i}.{module.rsplit('.', 1)[-1]}.weight"
+
+
+def _factorwise(adapter: Adapter, arm: str, family: str, code: Callable[[np.ndarray, bool], Coded],
+                gguf_type: str | None = None, tmp: str | None = None) -> ArmResult:
+    """A peer that codes every factor separately: ``code(x, is_B)``. With ``gguf_type`` the
+    blocks are also written as one GGUF LoRA file under ``tmp`` to measure its container."""
     mods, nbytes, pad, exact = [], 0, 0, True
-    for m in adapter.modules:
+    tensors = []
+    for i, m in enumerate(adapter.modules):
         ca, cb = code(m.A, False), code(m.B, True)
+        if gguf_type is not None:
+            tensors += [(_gguf_name(i, m.name) + ".lora_a", ca.payload), (_gguf_name(i, m.name) + ".lora_b", cb.payload)]
         nbytes += ca.nbytes + cb.nbytes
         pad += ca.pad + cb.pad
         if ca.exact is None:
@@ -185,15 +200,20 @@ def _factorwise(adapter: Adapter, arm: str, family: str, code: Callable[[np.ndar
         elif exact is not None:
             exact = exact and ca.exact and cb.exact
         mods.append(dataclasses.replace(m, A=ca.x_hat, B=cb.x_hat))
-    return ArmResult(arm=arm, family=family, modules=mods, nbytes=nbytes, pad=pad, exact=exact)
+    container = None
+    if gguf_type is not None and tmp is not None:
+        alpha = float(adapter.config.get("lora_alpha", adapter.modules[0].scale * adapter.modules[0].rank))
+        container = gguf_file_size(tensors, gguf_type, alpha, os.path.join(tmp, arm.replace(" ", "_") + ".gguf"))
+    return ArmResult(arm=arm, family=family, modules=mods, nbytes=nbytes, pad=pad, exact=exact, container_bytes=container)
 
 
-def peer_arms(ggml: GgmlQuantizer | None, zipnn_ok: bool) -> list[tuple[str, str, Callable[[Adapter], ArmResult]]]:
+def peer_arms(ggml: GgmlQuantizer | None, zipnn_ok: bool, tmp: str) -> list[tuple[str, str, Callable[[Adapter], ArmResult]]]:
     arms = []
     for t in GGUF_TYPES:
         if gguf_has_quantizer(t) or ggml is not None:
             arms.append((f"GGUF {t}", "gguf", lambda ad, t=t: _factorwise(
-                ad, f"GGUF {t}", "gguf", lambda x, is_b: code_factor(x, t, transpose=is_b, ggml=ggml))))
+                ad, f"GGUF {t}", "gguf", lambda x, is_b: code_factor(x, t, transpose=is_b, ggml=ggml),
+                gguf_type=t, tmp=tmp)))
     arms.append(("NF4", "nf4", lambda ad: _factorwise(ad, "NF4", "nf4", lambda x, _: code_nf4(x))))
     arms.append(("NF4-dq", "nf4", lambda ad: _factorwise(ad, "NF4-dq", "nf4", lambda x, _: code_nf4(x, True))))
     for dt in ("fp16", "bf16"):
@@ -231,7 +251,8 @@ def deltacodec_arm(adapter: Adapter, name: str, kw: dict, tmp: str) -> ArmResult
     for e in f.modules:
         A_q, B_q = f.dequantize(e.name)
         mods.append(dataclasses.replace(by_name[e.name], A=np.asarray(A_q, np.float32), B=np.asarray(B_q, np.float32)))
-    return ArmResult(arm=name, family=DELTACODEC, modules=mods, nbytes=os.path.getsize(path), sld_path=path)
+    size = os.path.getsize(path)
+    return ArmResult(arm=name, family=DELTACODEC, modules=mods, nbytes=size, sld_path=path, container_bytes=size)
 
 
 # ==================================================================================================
@@ -255,6 +276,7 @@ def measure(bed: Testbed, res: ArmResult, check_apply: bool) -> dict:
         "bytes": res.nbytes, "bits_per_param": 8 * res.nbytes / bed.params,
         "dw_rel_error_mean": float(errs.mean()), "dw_rel_error_median": float(np.median(errs)),
         "dw_rel_error_max": float(errs.max()), "pad_values": res.pad,
+        "file_bytes": res.container_bytes if res.container_bytes is not None else "",
         "exact": "" if res.exact is None else res.exact,
     }
     if bed.evaluate is not None:
@@ -265,6 +287,43 @@ def measure(bed: Testbed, res: ArmResult, check_apply: bool) -> dict:
             via = bed.evaluate_sld(res.sld_path)
             row["apply_loss"] = via["loss"]
     return row
+
+
+def lossless_rows(bed: Testbed, zipnn_ok: bool, tmp: str) -> list[dict]:
+    """The adapter as a user would hold it in 16 bits (factors rounded to fp16 or bf16), coded
+    losslessly: deltacodec ``bits=16`` against ``{dtype}`` + zstd / zipnn on the same values.
+    ``exact``: every decoded value equals the 16-bit input (for deltacodec: the dequantized
+    factors compared with the rounded ones)."""
+    from peers.lossless import from16, to16
+
+    rows = []
+    for dt in ("fp16", "bf16"):
+        mods16 = [dataclasses.replace(m, A=from16(to16(m.A, dt), dt), B=from16(to16(m.B, dt), dt))
+                  for m in bed.adapter.modules]
+        ad16 = dataclasses.replace(bed.adapter, modules=mods16)
+        arms = [deltacodec_arm(ad16, f"dc 16b on {dt}", {"bits": 16}, tmp)]
+        arms[0].exact = all(np.array_equal(q.A, m.A) and np.array_equal(q.B, m.B)
+                            for q, m in zip(arms[0].modules, mods16))
+        arms.append(_factorwise(ad16, f"{dt}+zstd", "lossless", lambda x, _, dt=dt: code_zstd(x, dt)))
+        if zipnn_ok:
+            arms.append(_factorwise(ad16, f"{dt}+zipnn", "lossless", lambda x, _, dt=dt: code_zipnn(x, dt)))
+        for res in arms:
+            rows.append({"adapter": bed.name, "source_dtype": dt, "arm": res.arm, "params": bed.params,
+                         "bytes": res.nbytes, "bits_per_param": 8 * res.nbytes / bed.params, "exact": res.exact})
+        exact_peers = [r for r in rows[-len(arms) + 1 :] if r["exact"]]
+        if exact_peers:
+            best = min(exact_peers, key=lambda r: r["bytes"])
+            rows[-len(arms)]["ratio_vs_best_exact_peer"] = rows[-len(arms)]["bytes"] / best["bytes"]
+            rows[-len(arms)]["best_exact_peer"] = best["arm"]
+    return rows
+
+
+def print_lossless(rows: list[dict]) -> None:
+    print("\n## 16-bit sources coded losslessly (ratio: deltacodec ÷ the smallest peer that decodes exactly)")
+    print(f"{'adapter':<26} {'arm':<16} {'bytes':>11} {'bits/p':>7} {'exact':>5} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['adapter']:<26} {r['arm']:<16} {r['bytes']:>11,} {r['bits_per_param']:>7.3f} {str(r['exact']):>5} "
+              f"{_f(r.get('ratio_vs_best_exact_peer'), '7.3f'):>7}")
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
@@ -315,10 +374,11 @@ def print_points(rows: list[dict]) -> None:
         trained = "loss" in rs[0]
         print(f"\n## {ad}: {rs[0]['params']:,} params" + (
             f"; unquantized: accuracy {rs[0]['ref_accuracy']:.2f}%, loss {rs[0]['ref_loss']:.4f}" if trained else ""))
-        print(f"{'arm':<18} {'bytes':>11} {'bits/p':>7} {'ΔW err mean':>11} {'median':>8} {'max':>8} {'pad':>6} {'exact':>5}"
+        print(f"{'arm':<18} {'bytes':>11} {'file B':>11} {'bits/p':>7} {'ΔW err mean':>11} {'median':>8} {'max':>8} {'pad':>6} {'exact':>5}"
               + (f" {'acc %':>7} {'loss':>8}" if trained else ""))
         for r in sorted(rs, key=lambda r: r["bytes"]):
-            print(f"{r['arm']:<18} {r['bytes']:>11,} {r['bits_per_param']:>7.3f} {r['dw_rel_error_mean']:>11.4g} "
+            fb = f"{r['file_bytes']:,}" if r["file_bytes"] != "" else "—"
+            print(f"{r['arm']:<18} {r['bytes']:>11,} {fb:>11} {r['bits_per_param']:>7.3f} {r['dw_rel_error_mean']:>11.4g} "
                   f"{r['dw_rel_error_median']:>8.4g} {r['dw_rel_error_max']:>8.4g} {r['pad_values']:>6} {str(r['exact']):>5}"
                   + (f" {r['accuracy']:>7.2f} {r['loss']:>8.4f}" if trained else ""))
 
@@ -425,17 +485,17 @@ def main(argv=None) -> int:
         beds.append(synthetic_testbed(a.rank, a.layers))
     if not a.no_trained:
         beds += trained_testbeds(a.seed, tuple(a.ranks), a.out, a.cache_dir, a.threads)
-    arms = peer_arms(ggml, zv is not None)
-
-    rows = []
+    rows, lossless = [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        arms = peer_arms(ggml, zv is not None, tmp)
         for bed in beds:
             log(f"{bed.name}: {bed.params:,} params, {len(bed.adapter.modules)} modules")
             for name, kw in opts:
                 rows.append(measure(bed, deltacodec_arm(bed.adapter, name, kw, tmp), check_apply=True))
             for name, _, run in arms:
                 rows.append(measure(bed, run(bed.adapter), check_apply=False))
+            lossless += lossless_rows(bed, zv is not None, tmp)
             log(f"{bed.name}: done ({time.perf_counter() - t0:.0f} s)")
     ratios = ratio_rows(rows)
 
@@ -444,13 +504,15 @@ def main(argv=None) -> int:
         print(f"- {n}")
     print_points(rows)
     print_ratios(ratios)
+    print_lossless(lossless)
     apply_gaps = [abs(r["apply_loss"] - r["loss"]) for r in rows if "apply_loss" in r]
     if apply_gaps:
         print(f"\nmerge check: |loss via deltacodec.apply − loss via the plain merge| ≤ {max(apply_gaps):.2e} over "
               f"{len(apply_gaps)} deltacodec files")
     write_csv(rows, a.out / "points.csv")
     write_csv(ratios, a.out / "ratios.csv")
-    log(f"wrote {a.out / 'points.csv'} and {a.out / 'ratios.csv'}")
+    write_csv(lossless, a.out / "lossless.csv")
+    log(f"wrote points.csv, ratios.csv, lossless.csv in {a.out}")
     if a.plot:
         plot(rows, a.plot)
     return 0

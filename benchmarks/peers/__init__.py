@@ -26,3 +26,4 @@ class Coded:
     nbytes: int
     pad: int = 0
     exact: bool | None = None
+    payload: np.ndarray | None = None  # the serialized bytes where a container is measured (GGUF)

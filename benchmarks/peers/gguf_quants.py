@@ -20,7 +20,7 @@ from gguf import quants as gq
 from . import Coded
 from .ggml_lib import GgmlQuantizer
 
-__all__ = ["GGUF_TYPES", "gguf_has_quantizer", "block_size", "quantize_flat", "code_factor"]
+__all__ = ["GGUF_TYPES", "gguf_has_quantizer", "block_size", "quantize_flat", "code_factor", "gguf_file_size"]
 
 GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q8_0")
 
@@ -68,4 +68,26 @@ def code_factor(x: np.ndarray, name: str, transpose: bool, ggml: GgmlQuantizer |
     src = x.T if transpose else x
     blocks, flat_hat, pad = quantize_flat(np.ascontiguousarray(src).reshape(-1), name, ggml)
     x_hat = flat_hat.reshape(src.shape)
-    return Coded(x_hat=np.ascontiguousarray(x_hat.T if transpose else x_hat), nbytes=blocks.nbytes, pad=pad)
+    return Coded(x_hat=np.ascontiguousarray(x_hat.T if transpose else x_hat), nbytes=blocks.nbytes, pad=pad,
+                 payload=blocks)
+
+
+def gguf_file_size(tensors: list[tuple[str, np.ndarray]], name: str, alpha: float, path: str) -> int:
+    """Size in bytes of a real GGUF LoRA file (written to ``path``) holding ``tensors``
+    ``(tensor name, block bytes)`` of type ``name``, with the keys llama.cpp's LoRA loader reads
+    (general.type, adapter.type, adapter.lora.alpha): the container overhead of the peer."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(path, arch="llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))
+    for tname, blocks in tensors:
+        w.add_tensor(tname, np.ascontiguousarray(blocks, dtype=np.uint8), raw_dtype=_qtype(name))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    import os
+
+    return os.path.getsize(path)
