@@ -420,25 +420,33 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ads = list(dict.fromkeys(r["adapter"] for r in rows))
-    fig, axes = plt.subplots(1, len(ads), figsize=(5.2 * len(ads), 4.2), squeeze=False)
-    for ax, ad in zip(axes[0], ads):
-        rs = [r for r in rows if r["adapter"] == ad]
-        for fam, style in ((DELTACODEC, "o-"), ("gguf", "s"), ("nf4", "^"), ("lossless", "x")):
-            fr = [r for r in rs if r["family"] == fam]
-            if not fr:
+    panels = [("dw_rel_error_mean", "mean relative ΔW error", True)]
+    if any("loss" in r for r in rows):
+        panels.append(("loss", "held-out answer loss (nats)", False))
+    fig, axes = plt.subplots(len(panels), len(ads), figsize=(5.2 * len(ads), 4.2 * len(panels)), squeeze=False)
+    for row_i, (key, label, logy) in enumerate(panels):
+        for ax, ad in zip(axes[row_i], ads):
+            rs = [r for r in rows if r["adapter"] == ad and key in r]
+            if not rs:
+                ax.axis("off")
                 continue
-            if fam == DELTACODEC:
-                for q in dict.fromkeys(r["arm"].rsplit(" ", 1)[0] for r in fr):
-                    qr = sorted((r for r in fr if r["arm"].rsplit(" ", 1)[0] == q), key=lambda r: r["bytes"])
-                    ax.plot([r["bits_per_param"] for r in qr], [r["dw_rel_error_mean"] for r in qr], style, label=q, ms=4)
-            else:
+            for fam, style in ((DELTACODEC, "o-"), ("gguf", "s"), ("nf4", "^"), ("lossless", "x")):
+                fr = [r for r in rs if r["family"] == fam]
+                if fam == DELTACODEC:
+                    for q in dict.fromkeys(r["arm"].rsplit(" ", 1)[0] for r in fr):
+                        qr = sorted((r for r in fr if r["arm"].rsplit(" ", 1)[0] == q), key=lambda r: r["bytes"])
+                        ax.plot([r["bits_per_param"] for r in qr], [r[key] for r in qr], style, ms=4,
+                                label="dc 16-bit" if q == "dc" else q)
+                    continue
                 for r in fr:
-                    ax.plot(r["bits_per_param"], r["dw_rel_error_mean"], style, ms=6)
-                    ax.annotate(r["arm"].replace("GGUF ", ""), (r["bits_per_param"], r["dw_rel_error_mean"]),
+                    ax.plot(r["bits_per_param"], r[key], style, ms=6, color={"gguf": "C3", "nf4": "C2"}.get(fam, "C7"))
+                    ax.annotate(r["arm"].replace("GGUF ", ""), (r["bits_per_param"], r[key]),
                                 fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set(xscale="log", yscale="log", xlabel="bits / parameter", ylabel="mean relative ΔW error", title=ad)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+            if key == "loss":
+                ax.axhline(rs[0]["ref_loss"], color="k", lw=0.8, ls="--", label="unquantized")
+            ax.set(xscale="log", yscale="log" if logy else "linear", xlabel="bits / parameter", ylabel=label, title=ad)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
