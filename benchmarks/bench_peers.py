@@ -103,9 +103,12 @@ def synthetic_testbed(rank: int, layers: int) -> Testbed:
     return Testbed(name=f"llama8b-synth-r{rank}-{layers}L", adapter=ad)
 
 
-def trained_testbeds(seed: int, ranks: tuple[int, ...], out: Path, cache_dir: Path, threads: int) -> list[Testbed]:
+def trained_testbeds(seed: int, ranks: tuple[int, ...], out: Path, cache_dir: Path, threads: int,
+                     reuse: Path | None = None) -> list[Testbed]:
     """Train LoRA and sine-LoRA per rank with rd_experiment's quick settings; one testbed each,
-    scored on the test split by accuracy (percent) and answer loss (nats)."""
+    scored on the test split by accuracy (percent) and answer loss (nats). ``reuse``: a directory
+    holding ``adapters/<method>-r<rank>/`` from an earlier run with the same seed (this script's
+    ``<out>/trained`` or ``rd_experiment.py --quick --out``): those are loaded, not retrained."""
     import torch
     import transformers
 
@@ -121,9 +124,18 @@ def trained_testbeds(seed: int, ranks: tuple[int, ...], out: Path, cache_dir: Pa
     base_path, _ = rd.load_or_pretrain_base(st, cache_dir, pre)
     base = rd.load_base(base_path)
     data = rd.downstream_splits(st.task, st.seed, st.steps * st.batch, st.n_val, st.n_test, new)
-    grid, secs = rd.train_grid(base, data, st, out / "trained")
-    log(f"trained {len(grid)} adapters in {secs:.0f} s")
     test = data["test"]
+    if reuse is not None:
+        dirs = [(m, r, reuse / "adapters" / f"{m}-r{r}") for r in st.ranks for m in rd.METHODS]
+        absent = [str(d) for _, _, d in dirs if not (d / "adapter_model.safetensors").is_file()]
+        if absent:
+            raise SystemExit(f"--reuse-trained: no adapter in {', '.join(absent)}")
+        adapters = [(f"trained-{m}-r{r}", str(d)) for m, r, d in dirs]
+        log(f"reusing {len(adapters)} trained adapters from {reuse}")
+    else:
+        grid, secs = rd.train_grid(base, data, st, out / "trained")
+        log(f"trained {len(grid)} adapters in {secs:.0f} s")
+        adapters = [(f"trained-{ta.method}-r{ta.rank}", ta.adapter_dir) for ta in grid]
     originals = {n: p.detach().clone() for n, p in base.named_parameters()}
 
     @torch.no_grad()
@@ -153,9 +165,9 @@ def trained_testbeds(seed: int, ranks: tuple[int, ...], out: Path, cache_dir: Pa
             return score()
 
     beds = []
-    for ta in grid:
-        ad = deltacodec.read_adapter(ta.adapter_dir)
-        bed = Testbed(name=f"trained-{ta.method}-r{ta.rank}", adapter=ad, evaluate=evaluate, evaluate_sld=evaluate_sld)
+    for name, adir in adapters:
+        ad = deltacodec.read_adapter(adir)
+        bed = Testbed(name=name, adapter=ad, evaluate=evaluate, evaluate_sld=evaluate_sld)
         bed.reference = evaluate(ad.modules)
         beds.append(bed)
     return beds
@@ -480,6 +492,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-trained", action="store_true", help="skip training (the synthetic adapter only)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="trained adapters' ranks (default 4 8)")
+    ap.add_argument("--reuse-trained", type=Path, metavar="DIR",
+                    help="load the trained adapters from DIR/adapters/<method>-r<rank> (an earlier run's <out>/trained)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-cpp-src", help="llama-cpp-python sdist (.tar.gz or directory): ggml's K-quant quantizers")
@@ -506,7 +520,7 @@ def main(argv=None) -> int:
     if not a.no_synthetic:
         beds.append(synthetic_testbed(a.rank, a.layers))
     if not a.no_trained:
-        beds += trained_testbeds(a.seed, tuple(a.ranks), a.out, a.cache_dir, a.threads)
+        beds += trained_testbeds(a.seed, tuple(a.ranks), a.out, a.cache_dir, a.threads, a.reuse_trained)
     rows, lossless = [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
