@@ -138,12 +138,19 @@ def trained_testbeds(seed: int, ranks: tuple[int, ...], out: Path, cache_dir: Pa
         adapters = [(f"trained-{ta.method}-r{ta.rank}", ta.adapter_dir) for ta in grid]
     originals = {n: p.detach().clone() for n, p in base.named_parameters()}
 
+    import torch.nn.functional as F
+
+    answers = test[:, st.task.answer_slice]
+
     @torch.no_grad()
     def score() -> dict:
+        """rd_experiment's accuracy (percent, argmax on the answer positions) and its answer
+        loss (mean cross-entropy, nats) from one forward pass over the test split."""
         base.eval()
-        losses = [float(rd.answer_loss(base, test[i : i + 500], st.task)) * len(test[i : i + 500])
-                  for i in range(0, len(test), 500)]
-        return {"accuracy": rd.accuracy(base, test, st.task), "loss": sum(losses) / len(test)}
+        logits = rd.answer_logits(base, test, st.task)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+        acc = (logits.argmax(-1) == answers).float().mean()
+        return {"accuracy": 100.0 * float(acc), "loss": float(loss)}
 
     def restore() -> None:
         with torch.no_grad():
@@ -369,11 +376,13 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             for p in peers:  # deltacodec at this peer's distortion
                 b = bytes_at(dc_front, p[key], log_d=log_d)
                 s = smallest_within(dc_front, p[key])
+                pf = p.get("file_bytes") or None  # GGUF: the whole file, container included
                 out.append({"adapter": ad, "measure": key, "kind": "vs_peer", "arm": p["arm"],
                             "distortion": p[key], "peer_bits_per_param": p["bits_per_param"],
                             "dc_bits_per_param": None if b is None else 8 * b / p["params"],
                             "ratio": None if b is None else b / p["bytes"],
-                            "ratio_setting": None if s is None else s / p["bytes"]})
+                            "ratio_setting": None if s is None else s / p["bytes"],
+                            "ratio_file": None if b is None or pf is None else b / pf})
             for d in dc:  # the best peer at this deltacodec point's distortion
                 r = equal_distortion_ratio(d["bytes"], d[key], peer_front, log_d=log_d)
                 b = bytes_at(peer_front, d[key], log_d=log_d)
@@ -416,11 +425,12 @@ def print_ratios(ratios: list[dict]) -> None:
             what = "relative ΔW error" if key.startswith("dw") else "held-out loss"
             print(f"\n### {ad}: bytes of deltacodec ÷ bytes of the peer at equal {what} (< 1: deltacodec smaller)")
             print("ratio: interpolated on the other side's front; setting: against the other side's smallest "
-                  "measured setting at least as good")
-            print(f"{'peer':<18} {'distortion':>11} {'peer b/p':>9} {'dc b/p':>8} {'ratio':>7} {'setting':>7}")
+                  "measured setting at least as good; vs file: ratio against the peer's whole GGUF file")
+            print(f"{'peer':<18} {'distortion':>11} {'peer b/p':>9} {'dc b/p':>8} {'ratio':>7} {'setting':>7} {'vs file':>7}")
             for r in (x for x in rs if x["kind"] == "vs_peer"):
                 print(f"{r['arm']:<18} {r['distortion']:>11.4g} {r['peer_bits_per_param']:>9.3f} "
-                      f"{_f(r['dc_bits_per_param'], '8.3f'):>8} {_f(r['ratio'], '7.3f'):>7} {_f(r['ratio_setting'], '7.3f'):>7}")
+                      f"{_f(r['dc_bits_per_param'], '8.3f'):>8} {_f(r['ratio'], '7.3f'):>7} {_f(r['ratio_setting'], '7.3f'):>7} "
+                      f"{_f(r['ratio_file'], '7.3f'):>7}")
             print(f"{'deltacodec':<18} {'distortion':>11} {'best b/p':>9} {'dc b/p':>8} {'ratio':>7} {'setting':>7}"
                   "   (vs the peers' joint front)")
             for r in (x for x in rs if x["kind"] == "vs_best_peer"):
