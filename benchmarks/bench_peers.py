@@ -467,6 +467,23 @@ def print_summary(ratios: list[dict]) -> None:
         print(line)
 
 
+def read_csv(path: Path) -> list[dict]:
+    """Rows written by :func:`write_csv`, numbers back as numbers ("" and absent cells dropped)."""
+    def conv(v: str):
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as fh:
+        return [{k: conv(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -540,11 +557,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=HERE / "out" / "peers")
     ap.add_argument("--cache-dir", type=Path, default=HERE / "out" / "cache", help="rd_experiment's base-model cache")
     ap.add_argument("--plot", type=Path, help="write a bits/param vs ΔW error PNG here")
+    ap.add_argument("--tables", type=Path, metavar="DIR",
+                    help="measure nothing: print the tables (and --plot) from DIR/points.csv and DIR/lossless.csv")
     return ap.parse_args(argv)
+
+
+def reprint(d: Path, plot_path: Path | None) -> int:
+    rows = read_csv(d / "points.csv")
+    for r in rows:
+        r.setdefault("file_bytes", "")
+        r.setdefault("exact", "")
+    print(f"# deltacodec vs peers (bench_peers.py), from {d}")
+    print_points(rows)
+    ratios = ratio_rows(rows)
+    print_ratios(ratios)
+    if (d / "lossless.csv").is_file():
+        print_lossless(read_csv(d / "lossless.csv"))
+    print_summary(ratios)
+    if plot_path:
+        plot(rows, plot_path)
+    return 0
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.tables:
+        return reprint(a.tables, a.plot)
     ggml, how = load_ggml(a.llama_cpp_src)
     log(f"ggml: {how}")
     missing = [t for t in GGUF_TYPES if not gguf_has_quantizer(t)]
