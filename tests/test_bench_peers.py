@@ -266,3 +266,60 @@ def test_bench_rows_and_ratios_on_a_tiny_adapter(tmp_path):
     b = compare.bytes_at(dc_front, rows[-1]["dw_rel_error_mean"])
     assert vs_nf4[0]["ratio"] == (None if b is None else pytest.approx(b / rows[-1]["bytes"]))
     assert dataclasses.is_dataclass(res) and res.exact is None
+
+
+def _tiny_bed(seed: int = 11):
+    import bench_peers
+    from deltacodec.adapter import Adapter, AdapterModule
+
+    rng = np.random.default_rng(seed)
+    mods = [AdapterModule(name=f"base_model.model.l{i}.q_proj", A=rng.uniform(-0.1, 0.1, (4, 64)).astype(np.float32),
+                          B=(rng.standard_t(4, (64, 4)) * 1e-2).astype(np.float32), scale=2.0) for i in range(2)]
+    return bench_peers.Testbed(name="tiny", adapter=Adapter(modules=mods, config={"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+
+
+def test_lossless_rows_flag_exactness_against_the_rounded_source(tmp_path):
+    import bench_peers
+
+    bed = _tiny_bed()
+    rows = bench_peers.lossless_rows(bed, zipnn_ok=False, tmp=str(tmp_path))
+    by = {(r["source_dtype"], r["arm"]): r for r in rows}
+    # an fp16 source through float16 pass-through is bit-exact; zstd always is
+    assert by[("fp16", "dc 16b on fp16")]["exact"] is True
+    assert by[("fp16", "fp16+zstd")]["exact"] is True and by[("bf16", "bf16+zstd")]["exact"] is True
+    for dt in ("fp16", "bf16"):
+        dc = by[(dt, f"dc 16b on {dt}")]
+        assert dc["ratio_vs_best_exact_peer"] == pytest.approx(dc["bytes"] / by[(dt, f"{dt}+zstd")]["bytes"])
+
+
+def test_gguf_arm_writes_a_gguf_file_around_its_blocks(tmp_path):
+    import bench_peers
+    from peers.gguf_quants import code_factor
+
+    bed = _tiny_bed()
+    res = bench_peers._factorwise(bed.adapter, "GGUF Q8_0", "gguf",
+                                  lambda x, is_b: code_factor(x, "Q8_0", transpose=is_b), gguf_type="Q8_0", tmp=str(tmp_path))
+    assert res.nbytes == 2 * 2 * (256 // 32) * 34  # two modules, A and B, 256 values each
+    reader = gguf.GGUFReader(str(tmp_path / "GGUF_Q8_0.gguf"))
+    assert res.container_bytes == (tmp_path / "GGUF_Q8_0.gguf").stat().st_size > res.nbytes
+    assert sum(int(t.n_bytes) for t in reader.tensors) == res.nbytes
+    assert {t.name for t in reader.tensors} == {"blk.0.q_proj.weight.lora_a", "blk.0.q_proj.weight.lora_b",
+                                                "blk.1.q_proj.weight.lora_a", "blk.1.q_proj.weight.lora_b"}
+
+
+def test_csv_round_trip_keeps_numbers(tmp_path):
+    import bench_peers
+
+    rows = [{"adapter": "a", "arm": "GGUF Q2_K", "bytes": 10, "bits_per_param": 2.5, "exact": True, "file_bytes": ""},
+            {"adapter": "a", "arm": "dc 16b", "bytes": 12, "bits_per_param": 3.0, "exact": False, "loss": 0.25}]
+    bench_peers.write_csv(rows, tmp_path / "p.csv")
+    back = bench_peers.read_csv(tmp_path / "p.csv")
+    assert back[0] == {k: v for k, v in rows[0].items() if v != ""}
+    assert back[1] == rows[1]
+
+
+def test_ggml_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
+    monkeypatch.delenv("DELTACODEC_GGML_LIB", raising=False)
+    (tmp_path / "src").mkdir()
+    q, why = load_ggml(tmp_path / "src", cache_dir=tmp_path / "cache")
+    assert q is None and "ggml-quants.c" in why
