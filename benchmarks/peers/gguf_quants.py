@@ -13,6 +13,8 @@ count (``Coded.pad`` says how much).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
@@ -88,6 +90,4 @@ def gguf_file_size(tensors: list[tuple[str, np.ndarray]], name: str, alpha: floa
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    import os
-
     return os.path.getsize(path)
