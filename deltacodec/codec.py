@@ -148,8 +148,9 @@ def encode(
     default on): refit B by least squares against the quantized A before quantizing B.
     ``container``: 2 (rANS-coded indices, lighter header; bit-exact ``bits=16``) or 1 (readable
     by older deltacodec; k-means/uniform/16-bit only). Default: 2 for ecsq/auto (and so for
-    every rate target), 1 for k-means/uniform at fixed bits (:data:`DEFAULT_CONTAINER`). ``omega``/``gamma``/``alpha`` override the
-    adapter's config (``gamma`` a number or ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to
+    every rate target), 1 for k-means/uniform at fixed bits (:data:`DEFAULT_CONTAINER`).
+    ``omega``/``gamma``/``alpha`` override the adapter's config (``gamma`` a number or
+    ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to
     store packed indices without the entropy stage (version 1; version 2 uses zstd only for raw
     extras). Tensors that are not lora_A/lora_B pairs are stored losslessly. The file is
     written atomically; the same input and options give byte-identical output.
