@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .cli_args import bits_arg, finite_arg, gamma_arg, level_arg, limit_help, positive_arg, size_arg
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sine frequency ω; makes the adapter a sine adapter")
     e.add_argument("--gamma", type=gamma_arg, help="sine divisor γ: a number or 'sqrt-in' (default)")
     e.add_argument("--alpha", type=finite_arg("alpha"),
-                   help="lora_alpha when the adapter has no config (scale = alpha/r)")
+                   help="lora_alpha: replaces the config's (and its alpha_pattern), or gives it to an adapter "
+                        "without one (scale = alpha/r)")
     e.add_argument("--quantizer", choices=["kmeans", "uniform", "ecsq", "auto"], default=None,
                    help="kmeans (default with --bits), uniform, ecsq (entropy-constrained, rate-controlled; default "
                         "with --size/--bits-per-param/--max-error) or auto (ecsq or k-means per tensor)")
@@ -265,11 +267,46 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``sld ARGS``: the exit status (argparse's own exits, --help and usage errors, included)."""
     parser = build_parser()
+    _tag_verb_parsers(parser)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would report these with the top-level usage, not the verb's
+            args._verb_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help/--version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
-    return run(args)
+    previous = _terminate_as_interrupt()
+    try:
+        return run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tag_verb_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each parser records itself as ``_verb_parser`` (the innermost one wins: ``sld batch
+    encode``), so an error about the arguments shows the usage of the verb that was typed."""
+    parser.set_defaults(_verb_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _tag_verb_parsers(sub)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporaries removed, workers stopped, exit 130
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (``kill``, a job scheduler's stop) cleans up as Ctrl-C does; None when this is not
+    the main thread (no handler can be set there) or SIGTERM is ignored."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_IGN:
+            return None
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        return previous
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":
