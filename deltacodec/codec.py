@@ -171,6 +171,7 @@ def encode(
         quantizer = "kmeans" if kind == "bits" else "ecsq"
     if quantizer not in QUANTIZERS + V2_QUANTIZERS:
         raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS + V2_QUANTIZERS)}")
+    container_asked = container
     if container is None:
         # 16 bits means lossless, which only version 2 is for bf16 sources
         lossless = kind == "bits" and value == PASSTHROUGH_BITS
@@ -209,6 +210,12 @@ def encode(
         for which, arr in (("lora_A", m.A), ("lora_B", m.B)):
             if arr.size and not np.isfinite(arr).all():
                 raise EncodeError(f"{_src_name(src)}: tensor '{m.name}.{which}.weight' holds NaN or Inf")
+    conv = [m.name for m in adapter.modules if m.weight_shape is not None]
+    if conv and container == 1:
+        if container_asked == 1:
+            raise EncodeError(f"{_src_name(src)}: module '{conv[0]}' is a conv LoRA module ({len(conv)} in all): "
+                              "container version 1 cannot record kernel shapes; use container 2 (the default here)")
+        container = 2  # only version 2 records kernel shapes
     metadata = _metadata(adapter)
     if container == 2:
         data = _encode_v2(adapter, metadata, out, kind, value, quantizer, level, progress,
@@ -232,6 +239,7 @@ def encode(
                 "omega": m.omega,
                 "gamma": m.gamma,
                 "fan_in_fan_out": m.fan_in_fan_out,
+                "weight_shape": m.weight_shape,
                 "A": _factor(m.A, f"{m.name}.lora_A.weight", bits, quantizer, level),
                 "B": _factor(m.B, f"{m.name}.lora_B.weight", bits, quantizer, level),
             }
@@ -296,7 +304,7 @@ def _extras(adapter: Adapter, level: int, version: int, lanes: int) -> list[dict
 def _module_dict(m: Any, A: dict[str, Any], B: dict[str, Any]) -> dict[str, Any]:
     return {"name": m.name, "sine": m.sine, "out_features": m.out_features, "in_features": m.in_features,
             "rank": m.rank, "scale": m.scale, "omega": m.omega, "gamma": m.gamma,
-            "fan_in_fan_out": m.fan_in_fan_out, "A": A, "B": B}
+            "fan_in_fan_out": m.fan_in_fan_out, "weight_shape": m.weight_shape, "A": A, "B": B}
 
 
 def _v2_fixed_factor(values: np.ndarray, name: str, bits: int, quantizer: str) -> dict[str, Any]:

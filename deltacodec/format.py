@@ -808,6 +808,10 @@ def build_container(
     if version == VERSION_2:
         data = serialize_v2(metadata, modules, tensors, name=name, lanes=lanes)
     elif version == VERSION:
+        conv = [m["name"] for m in modules if m.get("weight_shape")]
+        if conv:
+            raise EncodeError(f"{name}: module '{conv[0]}' is a conv module (weight_shape); container version 1 "
+                              "cannot record kernel shapes: write version 2")
         data = serialize_unchecked(metadata, modules, tensors, name=name)
     else:
         raise EncodeError(f"{name}: container version must be 1 or 2, got {version!r}")
@@ -954,6 +958,8 @@ def serialize_v2(
         if p:
             m["p"] = p
         m["shape"] = [int(mod["out_features"]), int(mod["in_features"]), int(mod["rank"])]
+        if mod.get("weight_shape"):
+            m["weight_shape"] = [int(v) for v in mod["weight_shape"]]
         for key, v in f.items():
             if key not in defaults or defaults[key] != v or type(defaults[key]) is not type(v):
                 m[key] = v

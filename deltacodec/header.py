@@ -163,6 +163,9 @@ class ModuleEntry(NamedTuple):
     fan_in_fan_out: bool
     A: TensorEntry
     B: TensorEntry
+    # A conv module's kernel shape (out, in, kh[, kw[, kd]]): ΔW is the out×in·kh·kw matrix
+    # reshaped to it. None for a linear module, and always in a version-1 file.
+    weight_shape: tuple[int, ...] | None = None
 
     @property
     def bits(self) -> tuple[int, int]:

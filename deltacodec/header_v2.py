@@ -51,7 +51,7 @@ ROOT_KEYS = ("metadata", "defaults", "lanes", "crc32", "modules", "tensors")
 OPTIONAL_ROOT = ("required",)
 MODULE_FIELDS = ("kind", "scale", "omega", "gamma", "fan_in_fan_out")
 MAX_LANES = 32
-_MOD_KEYS = frozenset(("name", "p", "shape", "A", "B") + MODULE_FIELDS)
+_MOD_KEYS = frozenset(("name", "p", "shape", "A", "B", "weight_shape") + MODULE_FIELDS)
 _EXTRA_KEYS = frozenset(("name", "p", "shape", "t"))
 _U32 = 0xFFFFFFFF
 
@@ -252,13 +252,33 @@ class _ParserV2(_Parser):
             raise self.limit(f"{where}.shape", f"{n:,} elements, over the limit of {MAX_NUMEL:,}", MAX_NUMEL, n)
         a = self.tensor(d["A"], name + ".lora_A.weight", f"{where}.A", (rank, in_f))
         b = self.tensor(d["B"], name + ".lora_B.weight", f"{where}.B", (out_f, rank))
-        m = ModuleEntry(name, sine, out_f, in_f, rank, scale, omega, gamma, fifo, a, b)
+        m = ModuleEntry(name, sine, out_f, in_f, rank, scale, omega, gamma, fifo, a, b,
+                        self.weight_shape(d, where, out_f, in_f, fifo))
         problem = coefficient_problem(m)
         if problem is None and a.value_bound is not None and b.value_bound is not None:
             problem = bound_problem(m, a.value_bound, b.value_bound)
         if problem:
             raise self.fail(where, problem)
         return m
+
+    def weight_shape(self, d: dict[str, Any], where: str, out_f: int, in_f: int, fifo: bool) -> tuple[int, ...] | None:
+        """A conv module's kernel shape (section 12.1): [out, in, k1 (, k2 (, k3))], out the module's
+        out_features and the product of the rest its in_features."""
+        if "weight_shape" not in d:
+            return None
+        ws = d["weight_shape"]
+        w = f"{where}.weight_shape"
+        if type(ws) is not list or not 3 <= len(ws) <= 5 or any(type(v) is not int or not 1 <= v <= MAX_DIM for v in ws):
+            raise self.fail(w, f"expected an array of 3 to 5 ints in [1, {MAX_DIM}] (out, in, kernel sizes)")
+        prod = 1
+        for v in ws[1:]:
+            prod *= v
+        if ws[0] != out_f or prod != in_f:
+            raise self.fail(w, f"{show(ws)} does not fit the module's shape [{out_f}, {in_f}, rank]: its first "
+                               "entry is out_features and the product of the others in_features")
+        if fifo:
+            raise self.fail(w, "a conv module (weight_shape) cannot be fan_in_fan_out")
+        return tuple(ws)
 
     def extra(self, obj: Any, where: str) -> TensorEntry:
         d = self.as_map(obj, where)
