@@ -46,9 +46,7 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -62,8 +60,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deltacodec  # noqa: E402
-from deltacodec.analysis import RDPoint, bd_table, plot_rd  # noqa: E402
+import rdlib  # noqa: E402  (shared with rd_text.py)
+from deltacodec.analysis import RDPoint, plot_rd  # noqa: E402
+from rdlib import delta_stats, lr_schedule, monotone_frontier, weights_digest, write_bd_csv, write_points_csv  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 METHODS = ("LoRA", "SineLoRA")
@@ -183,9 +184,7 @@ def quick_settings(seed: int) -> Settings:
 # ==================================================================================================
 
 
-def log(msg: str) -> None:
-    """Progress line on stderr (stdout is kept for the result tables)."""
-    print(f"[rd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = rdlib.make_logger("rd")  # progress on stderr (stdout is kept for the result tables)
 
 
 def make_tables(spec: TaskSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,15 +306,6 @@ def accuracy(model: torch.nn.Module, seqs: torch.Tensor, spec: TaskSpec, batch: 
         total += pred.numel()
     model.train(was_training)
     return 100.0 * correct / total
-
-
-def lr_schedule(step: int, steps: int, warmup: int, decay: bool = True) -> float:
-    """Multiplier of the base learning rate: linear warmup, then linear decay to 0 (or constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not decay:
-        return 1.0
-    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def train_loop(model: torch.nn.Module, batches, steps: int, lr: float, spec: TaskSpec,
@@ -544,33 +534,6 @@ def train_grid_cell(base, method: str, rank: int, data: dict, st: Settings, out:
 # ==================================================================================================
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: proves ``AppliedAdapter.remove`` restored the base."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def delta_stats(adapter_dir: str, sld_path: Path) -> dict:
-    """Weight-space view of one ``.sld`` file against its source adapter, averaged over modules:
-    ``dw_rel_error`` = ||ΔW_q − ΔW||_F / ||ΔW||_F and ``dw_stable_rank`` = stable rank of the
-    ΔW_q the file applies (sin(ω·Q(B)Q(A)) for sine-LoRA, Q(B)Q(A) for LoRA). Diagnostic only."""
-    from deltacodec.analysis import module_stats
-
-    src = {m.name: m for m in deltacodec.read_adapter(adapter_dir).modules}
-    f = deltacodec.load(sld_path)
-    errs, srs = [], []
-    for e in f.modules:
-        m = src[e.name]
-        A_q, B_q = f.dequantize(e.name)
-        st = module_stats(m.A, m.B, omega=m.omega, gamma=m.gamma, scale=m.scale, sine=m.sine, A_q=A_q, B_q=B_q)
-        errs.append(st["rel_error"])
-        srs.append(st["sr_sine_q"] if m.sine else st["sr_lowrank_q"])
-    return {"dw_rel_error": float(np.mean(errs)), "dw_stable_rank": float(np.mean(srs))}
-
-
 def encode_and_evaluate(base, ta: TrainedAdapter, test: torch.Tensor, st: Settings, out: Path,
                         digest: str) -> list[dict]:
     """Encode ``ta`` at every bit width with ``deltacodec.encode`` and measure each file's test
@@ -619,62 +582,15 @@ def rd_points(records: list[dict], by: str) -> list[RDPoint]:
     return pts
 
 
-def monotone_frontier(points: list[RDPoint]) -> tuple[list[RDPoint], list[RDPoint]]:
-    """Per (method, group) curve, sorted by rate, keep a point only if its quality is strictly
-    above that of every cheaper point: the operational RD curve (nobody ships a larger file for
-    no better accuracy). BD integrals need such strictly increasing curves. Returns (kept, dropped)."""
-    kept, dropped = [], []
-    curves: dict = {}
-    for p in points:
-        curves.setdefault((p.method, p.group), []).append(p)
-    for pts in curves.values():
-        best = -math.inf
-        for p in sorted(pts, key=lambda p: p.rate):
-            (kept if p.quality > best else dropped).append(p)
-            best = max(best, p.quality)
-    order = {p: i for i, p in enumerate(points)}
-    return sorted(kept, key=order.get), sorted(dropped, key=order.get)
-
-
-def write_points_csv(points: list[RDPoint], path: Path) -> None:
-    """CSV in the ``sld bd`` input format: columns method, group, rate (bytes), quality (% acc)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "group", "rate", "quality"])
-        for p in points:
-            w.writerow([p.method, p.group, int(p.rate), f"{p.quality:.4f}"])
-
-
 def bd_rows(points: list[RDPoint]) -> tuple[list[dict], list[str]]:
     """``bd_table`` of every method vs the LoRA anchor (akima); curves it cannot use (too few
     points, ...) are left out. Returns (rows, messages about what was left out or flagged)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = bd_table(points, anchor=ANCHOR, method=INTERP, errors="warn")
-    return rows, [str(w.message) for w in caught]
-
-
-def write_bd_csv(rows: list[dict], path: Path, kind: str) -> None:
-    """The BD rows as CSV; ``kind`` names the group column ("bits" or "ranks")."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow([kind, "method", "anchor", "interpolation", "bd_rate_percent", "bd_accuracy_points",
-                    "n_test", "n_anchor", "warnings"])
-        for r in rows:
-            w.writerow([r["group"], r["method"], r["anchor"], r["interpolation"], f"{r['bd_rate']:.3f}",
-                        f"{r['bd_quality']:.3f}", r["n_test"], r["n_anchor"], " | ".join(r["warnings"])])
+    return rdlib.bd_rows(points, ANCHOR, INTERP)
 
 
 def run_sld_bd_cli(csv_path: Path, out_json: Path) -> dict:
     """``python -m deltacodec.cli bd CSV --json --skip-bad``: the CLI reads our CSV as its input."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "deltacodec.cli", "bd", str(csv_path), "--anchor", ANCHOR, "--json", "--skip-bad"],
-        capture_output=True, text=True, cwd=REPO, check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"sld bd failed on {csv_path} (exit {proc.returncode}): {proc.stderr.strip()}")
-    out_json.write_text(proc.stdout)
-    return json.loads(proc.stdout)
+    return rdlib.run_sld_bd_cli(csv_path, out_json, ANCHOR)
 
 
 # ==================================================================================================
