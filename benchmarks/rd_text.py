@@ -748,7 +748,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits-per-param", type=float, nargs="+", help="targets of the rate-controlled arms "
                    "(default 1 1.5 2 3 4 6)")
     p.add_argument("--quantizers", default="kmeans",
-                   help="comma-separated arms: kmeans (always run, the anchor), uniform, ecsq, auto; "
+                   help="comma-separated arms: kmeans (always run, the anchor), uniform, kmeans_v2, ecsq, auto; "
                    "arms the installed encoder lacks are skipped with a note")
     p.add_argument("--steps", type=int, help="adapter training steps (default 200)")
     p.add_argument("--omegas", type=float, nargs="+", help="sine-LoRA ω candidates (default 30 100)")

@@ -106,6 +106,7 @@ class Arm:
     name: str
     quantizer: str
     rate_kind: str  # "bits" | "bpp"
+    container: int | None = None  # passed to encode when set (the v2 encoder's container version)
 
     def settings(self, bits: Sequence[int], bpps: Sequence[float]) -> tuple:
         return tuple(bits) if self.rate_kind == "bits" else tuple(bpps)
@@ -114,14 +115,21 @@ class Arm:
 KMEANS = Arm("kmeans", "kmeans", "bits")
 
 
+ARM_NAMES = ("kmeans", "uniform", "kmeans_v2", "ecsq", "auto")
+
+
 def arm_named(name: str) -> Arm:
-    """``kmeans`` and ``uniform`` are fixed-bit-width arms (today's encoder); ``ecsq`` and ``auto``
-    are rate-controlled (``bits_per_param``)."""
+    """``kmeans`` and ``uniform`` are fixed-bit-width arms (today's encoder); ``kmeans_v2`` is
+    k-means at fixed bits in container version 2 (rANS-coded indices, lighter header: the
+    container's gain without the new quantizer); ``ecsq`` and ``auto`` are rate-controlled
+    (``bits_per_param``, refit on)."""
     if name in ("kmeans", "uniform"):
         return Arm(name, name, "bits")
+    if name == "kmeans_v2":
+        return Arm(name, "kmeans", "bits", container=2)
     if name in ("ecsq", "auto"):
         return Arm(name, name, "bpp")
-    raise ValueError(f"unknown quantizer arm {name!r}: expected kmeans, uniform, ecsq or auto")
+    raise ValueError(f"unknown quantizer arm {name!r}: expected one of {', '.join(ARM_NAMES)}")
 
 
 def encoder_supports(arm: Arm) -> tuple[bool, str]:
@@ -130,6 +138,8 @@ def encoder_supports(arm: Arm) -> tuple[bool, str]:
     params = inspect.signature(deltacodec.encode).parameters
     if arm.rate_kind == "bpp" and "bits_per_param" not in params:
         return False, "deltacodec.encode has no bits_per_param (the rate-controlled v2 encoder is not installed)"
+    if arm.container is not None and "container" not in params:
+        return False, "deltacodec.encode has no container option (container version 2 is not installed)"
     try:
         from deltacodec.quantize import QUANTIZERS
     except ImportError:  # pragma: no cover - a layout change of the library
@@ -165,7 +175,8 @@ def encode_arm(adapter_dir: str | os.PathLike, arm: Arm, setting, out: Path) -> 
     if arm == KMEANS:
         deltacodec.encode(adapter_dir, bits=int(setting), out=out)
     elif arm.rate_kind == "bits":
-        deltacodec.encode(adapter_dir, bits=int(setting), out=out, quantizer=arm.quantizer)
+        extra = {} if arm.container is None else {"container": arm.container}
+        deltacodec.encode(adapter_dir, bits=int(setting), out=out, quantizer=arm.quantizer, **extra)
     else:
         deltacodec.encode(adapter_dir, out=out, quantizer=arm.quantizer, bits_per_param=float(setting),
                           refit=True)

@@ -111,15 +111,18 @@ def test_arm_detection_follows_the_encoder_signature(monkeypatch):
 def test_encode_arm_passes_the_rate_setting(monkeypatch, tmp_path):
     calls = []
 
-    def fake_encode(src, bits=3, *, out=None, quantizer="kmeans", bits_per_param=None, refit=False):
-        calls.append((bits, quantizer, bits_per_param, refit))
+    def fake_encode(src, bits=3, *, out=None, quantizer="kmeans", bits_per_param=None, refit=False,
+                    container=None):
+        calls.append((bits, quantizer, bits_per_param, refit, container))
         return str(out)
 
     monkeypatch.setattr(deltacodec, "encode", fake_encode)
     rdlib.encode_arm("src", rdlib.arm_named("ecsq"), 1.5, tmp_path / "a.sld")
     rdlib.encode_arm("src", rdlib.arm_named("uniform"), 3, tmp_path / "b.sld")
     rdlib.encode_arm("src", rdlib.KMEANS, 2, tmp_path / "c.sld")
-    assert calls == [(3, "ecsq", 1.5, True), (3, "uniform", None, False), (2, "kmeans", None, False)]
+    rdlib.encode_arm("src", rdlib.arm_named("kmeans_v2"), 4, tmp_path / "d.sld")
+    assert calls == [(3, "ecsq", 1.5, True, None), (3, "uniform", None, False, None),
+                     (2, "kmeans", None, False, None), (4, "kmeans", None, False, 2)]
     assert rdlib.setting_tag(rdlib.arm_named("ecsq"), 1.5) == "p1.5"
     assert rdlib.setting_tag(rdlib.KMEANS, 3) == "b3"
 
@@ -129,9 +132,9 @@ def test_unsupported_arm_is_skipped_with_a_note(monkeypatch, capsys):
         return str(out)
 
     monkeypatch.setattr(deltacodec, "encode", old_encode)
-    arms = rdlib.supported_arms(["ecsq", "auto"], lambda m: None)
-    assert arms == [rdlib.KMEANS]
-    assert capsys.readouterr().out.count("skipped") == 2
+    arms = rdlib.supported_arms(["ecsq", "auto", "kmeans_v2", "uniform"], lambda m: None)
+    assert arms == [rdlib.KMEANS, rdlib.arm_named("uniform")]
+    assert capsys.readouterr().out.count("skipped") == 3
 
 
 def _read_csv(path: Path) -> list[dict]:
