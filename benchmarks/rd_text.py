@@ -59,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rdlib  # noqa: E402
 from rdlib import REPO, Arm, RDPoint  # noqa: E402
 
-import deltacodec  # noqa: E402
 from deltacodec.analysis import plot_rd  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -469,37 +468,25 @@ def train_grid_cell(base, method: str, rank: int, data: dict, st: Settings, out:
 
 
 def measure_codec(base, grid: list[TrainedAdapter], test: torch.Tensor, arms: list[Arm], st: Settings,
-                  out: Path) -> list[dict]:
-    """One row per (adapter, arm, rate setting): file bytes, bits/param of the file, held-out
-    loss and accuracy of the base patched with ``deltacodec.apply`` (removed after; the base
-    weights' digest is checked), encode seconds and the ΔW diagnostic."""
-    digest = rdlib.weights_digest(base)
-    sld_dir = out / "sld"
-    sld_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+                  out: Path) -> tuple[list[dict], list[dict]]:
+    """One row per (adapter, arm, rate setting) (``rdlib.measure_arms``: file bytes, held-out loss
+    and accuracy of the base patched with ``deltacodec.apply``, encode seconds, ΔW diagnostic),
+    plus the adapter's parameter count, the file's bits/param and the unquantized loss. Returns
+    (rows, skipped rate targets)."""
+    by_key = {(ta.method, ta.rank): ta for ta in grid}
+    rows, skipped = rdlib.measure_arms(
+        base, [(ta.method, ta.rank, ta.adapter_dir) for ta in grid], arms,
+        lambda arm: arm.settings(st.bits, st.bits_per_param), lambda m: evaluate(m, test), out / "sld", log)
+    for r in rows:
+        ta = by_key[(r["method"], r["rank"])]
+        r.update(params=ta.params, file_bits_per_param=8 * r["bytes"] / ta.params,
+                 unquantized_bits_per_byte=ta.test["bits_per_byte"], adapter_bytes=ta.adapter_bytes,
+                 omega=ta.omega, lr=ta.lr)
     for ta in grid:
-        for arm in arms:
-            for s in arm.settings(st.bits, st.bits_per_param):
-                path = sld_dir / f"{ta.method}-r{ta.rank}-{arm.name}-{rdlib.setting_tag(arm, s)}.sld"
-                if path.exists():
-                    path.unlink()  # a rerun into the same directory re-encodes
-                enc = rdlib.encode_arm(ta.adapter_dir, arm, s, path)
-                with deltacodec.apply(base, path, backend="torch"):
-                    ev = evaluate(base, test)
-                if rdlib.weights_digest(base) != digest:
-                    raise RuntimeError(f"{path}: the base weights changed after apply(...).remove()")
-                size = os.path.getsize(path)
-                records.append({
-                    "method": ta.method, "rank": ta.rank, "arm": arm.name, "rate_kind": arm.rate_kind,
-                    "setting": s, "bytes": size, "params": ta.params, "file_bits_per_param": 8 * size / ta.params,
-                    **ev, "encode_seconds": enc, **rdlib.delta_stats(ta.adapter_dir, path),
-                    "unquantized_bits_per_byte": ta.test["bits_per_byte"], "adapter_bytes": ta.adapter_bytes,
-                    "omega": ta.omega, "lr": ta.lr,
-                })
         log(f"{ta.method} r={ta.rank}: " + ", ".join(
-            f"{r['arm']}:{r['setting']:g} {r['bits_per_byte']:.3f}" for r in records
+            f"{r['arm']}:{r['setting']:g} {r['bits_per_byte']:.3f}" for r in rows
             if r["method"] == ta.method and r["rank"] == ta.rank))
-    return records
+    return rows, skipped
 
 
 # ==================================================================================================
@@ -532,8 +519,8 @@ def method_points(records: list[dict], grid: list[TrainedAdapter], by: str, metr
 
 def arm_points(records: list[dict], metric: str) -> list[RDPoint]:
     """Arm-vs-k-means points: method = arm, group = ``<method>-r<rank>``, curve over settings."""
-    return [RDPoint(r["arm"], f"{r['method']}-r{r['rank']}", float(r["bytes"]), quality_of(r, metric))
-            for r in records]
+    return rdlib.arm_rd_points(records, "bits_per_byte", -1.0) if metric == "loss" \
+        else rdlib.arm_rd_points(records, "accuracy")
 
 
 def analyse(records: list[dict], grid: list[TrainedAdapter], arms: list[Arm], st: Settings, out: Path) -> dict:
@@ -583,7 +570,8 @@ def print_results(grid: list[TrainedAdapter], records: list[dict], arms: list[Ar
             rs = {r["setting"]: r for r in records if r["method"] == ta.method and r["rank"] == ta.rank
                   and r["arm"] == arm.name}
             print(f"{ta.method:8s} {ta.rank:>4d} {ta.params:>7d} {ta.test['bits_per_byte']:>7.4f} " + " ".join(
-                f"{rs[s]['bits_per_byte']:>7.4f}|{rs[s]['bytes']:>7d}" for s in sets))
+                f"{rs[s]['bits_per_byte']:>7.4f}|{rs[s]['bytes']:>7d}" if s in rs else f"{'(no file)':>15s}"
+                for s in sets))
 
 
 def print_bd(name: str, a: dict) -> None:
@@ -668,7 +656,7 @@ def run(st: Settings, out: Path, cache_dir: Path, reuse: bool = False) -> dict:
                     f"test {ta.test['bits_per_byte']:.4f} bpb, {ta.test['accuracy']:.2f}%")
         grid_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    records = measure_codec(base, grid, data["test"], arms, st, out)
+    records, skipped = measure_codec(base, grid, data["test"], arms, st, out)
     codec_seconds = time.perf_counter() - t1
     analysis = analyse(records, grid, arms, st, out)
 
@@ -684,6 +672,7 @@ def run(st: Settings, out: Path, cache_dir: Path, reuse: bool = False) -> dict:
                    "pretrain_cached": base_info["cached"]},
         "adapters": [dataclasses.asdict(ta) for ta in grid],
         "measurements": records,
+        "skipped": skipped,
         "bd": analysis,
     }
     (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))

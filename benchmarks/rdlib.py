@@ -265,3 +265,51 @@ def cache_atomically(path: Path, write) -> bool:
         return False
     os.replace(tmp, path)
     return True
+
+
+def measure_arms(base, adapters: Sequence[tuple[str, int, str]], arms: Sequence[Arm], settings_of,
+                 evaluate, sld_dir: Path, log) -> tuple[list[dict], list[dict]]:
+    """Encode every adapter with every arm at each of its rate settings, apply each file to the
+    bare ``base`` with ``deltacodec.apply`` and measure it with ``evaluate(base) -> dict``.
+
+    ``adapters``: ``(method, rank, adapter_dir)``; ``settings_of(arm)``: the arm's rate settings.
+    The patch is removed after each file and the base weights' digest is checked. Returns (rows,
+    skipped): one row per file ``{"method", "rank", "arm", "rate_kind", "setting", "bytes",
+    "encode_seconds", **evaluate(base), "dw_rel_error", "dw_stable_rank"}``; a rate-controlled
+    arm's target the encoder refuses (below the adapter's fixed cost) gives no file and is listed
+    in ``skipped`` with the encoder's message."""
+    from deltacodec.errors import SldError
+
+    digest = weights_digest(base)
+    sld_dir.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], []
+    for method, rank, adir in adapters:
+        for arm in arms:
+            for s in settings_of(arm):
+                path = sld_dir / f"{method}-r{rank}-{arm.name}-{setting_tag(arm, s)}.sld"
+                if path.exists():
+                    path.unlink()  # a rerun into the same directory re-encodes
+                try:
+                    enc = encode_arm(adir, arm, s, path)
+                except SldError as exc:
+                    if arm.rate_kind != "bpp":
+                        raise
+                    skipped.append({"method": method, "rank": rank, "arm": arm.name, "setting": s,
+                                    "reason": str(exc)})
+                    log(f"{method} r={rank} {arm.name} {s:g}: no file: {exc}")
+                    continue
+                with deltacodec.apply(base, path, backend="torch"):
+                    quality = evaluate(base)
+                if weights_digest(base) != digest:
+                    raise RuntimeError(f"{path}: the base weights changed after apply(...).remove()")
+                rows.append({"method": method, "rank": rank, "arm": arm.name, "rate_kind": arm.rate_kind,
+                             "setting": s, "bytes": os.path.getsize(path), "encode_seconds": enc, **quality,
+                             **delta_stats(adir, path)})
+    return rows, skipped
+
+
+def arm_rd_points(rows: Sequence[dict], quality_key: str, sign: float = 1.0) -> list[RDPoint]:
+    """Arm-vs-arm RD points: method = arm, group = ``<method>-r<rank>``, curve over the arm's
+    rate settings; quality = ``sign * row[quality_key]`` (sign −1 turns a loss into a quality)."""
+    return [RDPoint(r["arm"], f"{r['method']}-r{r['rank']}", float(r["bytes"]), sign * r[quality_key])
+            for r in rows]
