@@ -99,7 +99,7 @@ class ModelSpec:
 class PretrainSpec:
     """Full-parameter pretraining on code (AdamW, warmup then linear decay, clipping at 1)."""
 
-    steps: int = 800
+    steps: int = 500
     batch: int = 32
     lr: float = 3e-3
 
@@ -113,11 +113,11 @@ class Settings:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
-    ranks: tuple = (4, 8, 16, 32)  # 15k to 123k adapter parameters: not header-dominated
+    ranks: tuple = (4, 8, 16)  # 15k to 61k adapter parameters: not header-dominated
     bits: tuple = (1, 2, 3, 4, 5, 6, 8, 16)
     bits_per_param: tuple = rdlib.DEFAULT_BITS_PER_PARAM
     quantizers: tuple = ("kmeans",)
-    omegas: tuple = (30.0, 100.0)  # sine-LoRA ω candidates
+    omegas: tuple = (100.0,)  # sine-LoRA ω candidates
     lrs: tuple = (3e-3,)  # learning-rate candidates, the same for both methods
     steps: int = 200  # adapter training steps, same for every method and rank
     batch: int = 16
@@ -732,7 +732,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/out/rd_text/seed<SEED>[-quick])")
     p.add_argument("--quick", action="store_true", help="small model and corpus, ranks 2 4 8, bits 2 3 4 16 (< 1 min)")
-    p.add_argument("--ranks", type=int, nargs="+", help="adapter ranks (default 4 8 16 32)")
+    p.add_argument("--ranks", type=int, nargs="+", help="adapter ranks (default 4 8 16)")
     p.add_argument("--bits", type=int, nargs="+", help="k-means bit widths (default 1 2 3 4 5 6 8 16)")
     p.add_argument("--bits-per-param", type=float, nargs="+", help="targets of the rate-controlled arms "
                    "(default 1 1.5 2 3 4 6)")
@@ -740,7 +740,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated arms: kmeans (always run, the anchor), uniform, kmeans_v2, ecsq, auto; "
                    "arms the installed encoder lacks are skipped with a note")
     p.add_argument("--steps", type=int, help="adapter training steps (default 200)")
-    p.add_argument("--omegas", type=float, nargs="+", help="sine-LoRA ω candidates (default 30 100)")
+    p.add_argument("--omegas", type=float, nargs="+", help="sine-LoRA ω candidates (default 100)")
     p.add_argument("--lrs", type=float, nargs="+", help="learning-rate candidates, both methods (default 0.003)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reuse", action="store_true",
