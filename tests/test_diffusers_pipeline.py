@@ -270,6 +270,46 @@ def test_kohya_file_applied_to_the_pipeline_matches_diffusers_loading_it(sd_kohy
     assert_outputs_close(denoise_step(pipe), denoise_step(ref))
 
 
+# sd-scripts names SDXL UNet modules as the original UNet does; for this 2-block, 1-layer UNet the
+# correspondence, written out by hand from the original UNet's block order (input_blocks.0 is
+# conv_in, then one per layer and one per downsampler; output_blocks: layers + 1 per up block):
+SGM_OF_TINY = {
+    "lora_unet_down_blocks_0_attentions_0_": "lora_unet_input_blocks_1_1_",
+    "lora_unet_mid_block_attentions_0_": "lora_unet_middle_block_1_",
+    "lora_unet_up_blocks_1_attentions_0_": "lora_unet_output_blocks_2_1_",
+    "lora_unet_up_blocks_1_attentions_1_": "lora_unet_output_blocks_3_1_",
+}
+
+
+def test_kohya_file_in_original_unet_names_applies_like_the_diffusers_named_one(sd_kohya, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    k, sld = sd_kohya
+    renamed = {}
+    for key, v in load_file(k).items():
+        for old, new in SGM_OF_TINY.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        else:
+            assert not key.startswith("lora_unet_"), key
+        renamed[key] = v
+    sgm_path = str(tmp_path / "tiny_sgm.safetensors")
+    save_file(renamed, sgm_path, metadata={"ss_network_module": "networks.lora"})
+    sgm = deltacodec.encode(sgm_path, bits=16, out=str(tmp_path / "sgm.sld"))
+    ref = dt.sd_pipeline()
+    deltacodec.apply(ref, sld)
+    pipe = dt.sd_pipeline()
+    h = deltacodec.apply(pipe, sgm)
+    assert len(h.patched) == len(deltacodec.load(sgm).modules) == len(deltacodec.load(sld).modules)
+    for comp in ("unet", "text_encoder"):
+        got, want = state(getattr(pipe, comp)), state(getattr(ref, comp))
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    h.remove()
+    fresh = dt.sd_pipeline()
+    assert all(torch.equal(v, state(fresh.unet)[n]) for n, v in state(pipe.unet).items())
+
+
 def test_decoded_kohya_file_loads_in_diffusers_like_the_original(sd_kohya, tmp_path):
     k, sld = sd_kohya
     (path,) = deltacodec.decode(sld, str(tmp_path / "dec"), dtype="fp16")
