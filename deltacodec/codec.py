@@ -148,8 +148,9 @@ def encode(
     default on): refit B by least squares against the quantized A before quantizing B.
     ``container``: 2 (rANS-coded indices, lighter header; bit-exact ``bits=16``) or 1 (readable
     by older deltacodec; k-means/uniform/16-bit only). Default: 2 for ecsq/auto (and so for
-    every rate target), 1 for k-means/uniform at fixed bits (:data:`DEFAULT_CONTAINER`). ``omega``/``gamma``/``alpha`` override the
-    adapter's config (``gamma`` a number or ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to
+    every rate target), 1 for k-means/uniform at fixed bits (:data:`DEFAULT_CONTAINER`).
+    ``omega``/``gamma``/``alpha`` override the adapter's config (``gamma`` a number or
+    ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to
     store packed indices without the entropy stage (version 1; version 2 uses zstd only for raw
     extras). Tensors that are not lora_A/lora_B pairs are stored losslessly. The file is
     written atomically; the same input and options give byte-identical output.
@@ -171,7 +172,9 @@ def encode(
     if quantizer not in QUANTIZERS + V2_QUANTIZERS:
         raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS + V2_QUANTIZERS)}")
     if container is None:
-        container = 2 if quantizer in V2_QUANTIZERS else DEFAULT_CONTAINER
+        # 16 bits means lossless, which only version 2 is for bf16 sources
+        lossless = kind == "bits" and value == PASSTHROUGH_BITS
+        container = 2 if quantizer in V2_QUANTIZERS or lossless else DEFAULT_CONTAINER
     if container not in (1, 2):
         raise EncodeError(f"container must be 1 or 2, got {container!r}")
     if kind == "bits":

@@ -97,6 +97,7 @@ CHUNK_ELEMENTS = 1 << 20
 _WHOLE_SECTION = 4 << 20
 _IO_CHUNK = 4 << 20
 _NO_LIMIT = 1 << 62
+_JOIN_RUN = 1 << 16  # version-2 field streams are joined into 16-bit words this many at a time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,16 +450,22 @@ class SldFile:
                 raise rans.RansError(f"{len(sec)} bytes do not hold a stream and {n_stored} stored field "
                                      f"streams of {n} bytes")
             sym = rans.decode_symbols(sec[:stream_len], [(n, t) for t in coded], lanes) if coded else None
-            fields, ci, ri = [], 0, 0
-            for t in side.tables:
-                if t is None:
-                    off = stream_len + ri * n
-                    fields.append(np.frombuffer(sec, dtype=np.uint8, count=n, offset=off))
-                    ri += 1
-                else:
-                    fields.append((sym[ci * n:(ci + 1) * n] + t.imin).astype(np.uint8))
-                    ci += 1
-            return bytegroup.join_fields(fields, side.dtype).astype("<u2").tobytes()
+            out = np.empty(n, dtype="<u2")
+            # joined in runs, so the temporaries of the join stay small beside the symbols
+            for lo in range(0, n, _JOIN_RUN):
+                hi = min(n, lo + _JOIN_RUN)
+                fields, ci, ri = [], 0, 0
+                for t in side.tables:
+                    if t is None:
+                        off = stream_len + ri * n + lo
+                        fields.append(np.frombuffer(sec, dtype=np.uint8, count=hi - lo, offset=off))
+                        ri += 1
+                    else:
+                        fields.append((sym[ci * n + lo:ci * n + hi] + t.imin).astype(np.uint8))
+                        ci += 1
+                out[lo:hi] = bytegroup.join_fields(fields, side.dtype)
+            del sym
+            return out.tobytes()
         except rans.RansError as exc:
             raise SldFormatError(f"{self._where(e)}: rANS stream: {exc}") from None
 

@@ -21,7 +21,6 @@ import math
 from typing import Any
 
 from .header import (
-    _CONTROL,
     KINDS,
     MAX_DIM,
     MAX_ENTRIES,
@@ -136,6 +135,15 @@ class _ParserV2(_Parser):
             for k in d:
                 if k not in MODULE_FIELDS:
                     raise self.fail(where, f"unknown key {show(k)} (module fields: {', '.join(MODULE_FIELDS)})")
+            # typed here, whether or not a module uses them (ranges that depend on the kind are
+            # checked per module)
+            if "kind" in d:
+                self.string(d, "kind", where, KINDS)
+            for k in ("scale", "omega", "gamma"):
+                if k in d:
+                    self.real(d, k, where)
+            if "fan_in_fan_out" in d and type(d["fan_in_fan_out"]) is not bool:
+                raise self.fail(f"{where}.fan_in_fan_out", f"expected bool, got {_tname(d['fan_in_fan_out'])}")
             self.defaults = d
 
     def entries(self, key: str, hdr: Header) -> None:
@@ -334,5 +342,3 @@ def parse_header_v2(decoded: bytes, label: str) -> Header:
         if enabled:
             gc.enable()
 
-
-_ = (_CONTROL,)

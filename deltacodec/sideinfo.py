@@ -48,7 +48,17 @@ class QuantSide:
     table: FreqTable
     values: np.ndarray  # float32, table.size entries: value of symbol s = index imin + s
     bits: int  # kmeans: the codebook's bits; ecsq: ceil(log2 K), at least 1
-    nbytes: int = 0  # bytes of the side information as stored
+    raw: bytes = b""  # the side information as stored: equality is equality of these bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantSide) and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
 
     @property
     def bound(self) -> float:
@@ -61,10 +71,17 @@ class FieldSide:
 
     dtype: str
     tables: tuple[FreqTable | None, ...]
+    raw: bytes = b""  # the side information as stored: equality is equality of these bytes
 
     @property
     def stored(self) -> int:
         return sum(1 for t in self.tables if t is None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FieldSide) and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
 
 
 def _reader(data: bytes) -> BitReader:
@@ -116,7 +133,7 @@ def read_quant(data: bytes) -> QuantSide:
     if not np.isfinite(values).all():
         s = int(np.flatnonzero(~np.isfinite(values))[0])
         raise SideInfoError(f"the value of index {table.imin + s} is not finite in float32")
-    return QuantSide(method, table, values.astype(np.float32), bits, len(data))
+    return QuantSide(method, table, values.astype(np.float32), bits, bytes(data))
 
 
 def read_fields(data: bytes) -> FieldSide:
@@ -139,7 +156,7 @@ def read_fields(data: bytes) -> FieldSide:
     except BitstreamError as exc:
         raise SideInfoError(str(exc)) from None
     _finish(br)
-    return FieldSide(dtype, tuple(tables))
+    return FieldSide(dtype, tuple(tables), bytes(data))
 
 
 def write_fields(dtype: str, tables: list[FreqTable | None]) -> bytes:

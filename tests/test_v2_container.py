@@ -387,6 +387,9 @@ def test_reader_rejects_bad_v2_headers(tmp_path):
     rejects(tmp_path, changed(lambda h: h["modules"][0]["A"].append(1)), match="has 3 elements, got 4")
     rejects(tmp_path, changed(lambda h: h["modules"][0]["A"].__setitem__(2, "x")), match="expected bin")
     rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("omega", 0.0)), match="omega")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("scale", "2")), match="defaults.scale")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("kind", "dora")), match="defaults.kind")
+    rejects(tmp_path, changed(lambda h: h["defaults"].__setitem__("fan_in_fan_out", 0)), match="expected bool")
     rejects(tmp_path, changed(lambda h: h["modules"][0].__setitem__("color", 1)), match="unknown key")
     # duplicate names after prefix expansion
     def dup(h):
@@ -498,7 +501,7 @@ def _model_for(ad: Adapter):
 @pytest.mark.parametrize("opts", [dict(bits=3, quantizer="ecsq"), dict(bits=2, quantizer="auto"),
                                   dict(bits=3, container=2), dict(bits=16, container=2)])
 def test_apply_adds_the_decoded_delta_for_v2_files(tmp_path, opts):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     ad = adapter(sine=True)
     for m in ad.modules:  # exactly float16 values: --bits 16 stores them as F16 field streams
         m.A, m.B = (x.astype(np.float16).astype(np.float32) for x in (m.A, m.B))
@@ -539,3 +542,41 @@ def test_inspect_and_decode_of_a_v2_file(tmp_path, capsys):
     t = load_file(path)
     for e in f.entries():
         np.testing.assert_array_equal(t[e.name], f.tensor(e))
+
+
+def test_v2_without_the_compiled_coder(tmp_path, monkeypatch):
+    """The pure-Python coder writes and reads the same bytes (no compiler on the machine)."""
+    import warnings
+
+    from deltacodec import _native
+
+    ad = adapter()
+    p1 = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "c.sld"))
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_TRIED", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p2 = deltacodec.encode(ad, bits=2, quantizer="ecsq", out=str(tmp_path / "py.sld"))
+        assert open(p1, "rb").read() == open(p2, "rb").read()
+        reference_matches(p2)
+
+
+@pytest.mark.parametrize("opts", [dict(bits=16, container=2), dict(bits=3, quantizer="ecsq")])
+def test_v2_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path, opts):
+    """Tensor by tensor: a section, its symbols, the joined words or values in runs: about
+    twice the largest tensor (4 MiB as float32), never the file (32 MiB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n_in = 1 << 16
+    mods = [AdapterModule(f"m{i}", A=rng.normal(size=(16, n_in)).astype(np.float16).astype(np.float32),
+                          B=rng.normal(size=(8, 16)).astype(np.float32), scale=1.0) for i in range(8)]
+    f = deltacodec.load(deltacodec.encode(Adapter(modules=mods), out=str(tmp_path / "big.sld"), **opts))
+    largest, total = 16 * n_in * 4, sum(e.numel for e in f.entries()) * 4
+    tracemalloc.start()
+    try:
+        deltacodec.decode(f, str(tmp_path / "dec"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * largest < total / 3, (peak, largest, total)
