@@ -580,3 +580,33 @@ def test_v2_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path, opts):
     finally:
         tracemalloc.stop()
     assert peak < 2.5 * largest < total / 3, (peak, largest, total)
+
+
+def test_v2_weight_shape_rules(tmp_path):
+    """A conv module's weight_shape (spec 12.2): [out, in, kernel...], out = out_features and the
+    product of the rest = in_features, never with fan_in_fan_out; a fitting one is read back."""
+    h, secs = v2ref.parse(v2_file(tmp_path))
+    out_f, in_f, _ = h["modules"][0]["shape"]
+
+    def changed(fn) -> bytes:
+        h2 = copy.deepcopy(h)
+        fn(h2)
+        return v2ref.build(h2, secs)
+
+    def ws(value):
+        return changed(lambda h: h["modules"][0].__setitem__("weight_shape", value))
+
+    divisor = next(d for d in (2, 3, 4, 1) if in_f % d == 0)
+    good = [out_f, in_f // divisor, divisor]
+    (tmp_path / "ok.sld").write_bytes(ws(good))
+    f = deltacodec.load(str(tmp_path / "ok.sld"))
+    f.verify()
+    assert f.modules[0].weight_shape == tuple(good) and f.modules[1].weight_shape is None
+    for bad in ([out_f, in_f], [out_f, in_f, 1, 1, 1, 1], [out_f + 1, in_f, 1], [out_f, in_f + 1, 1],
+                [out_f, in_f, 0], [out_f, in_f, "1"], "x", [out_f, in_f, 2 ** 31]):
+        rejects(tmp_path, ws(bad), match="weight_shape")
+
+    def fifo(h):
+        h["modules"][0]["weight_shape"] = good
+        h["modules"][0]["fan_in_fan_out"] = True
+    rejects(tmp_path, changed(fifo), match="fan_in_fan_out")

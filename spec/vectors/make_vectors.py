@@ -687,6 +687,13 @@ def invalid_v2(add) -> None:
         F, "12.2", "a module shape without its rank")
     add("v2_module_unknown_key", v2_changed(lambda h, secs: h["modules"][0].__setitem__("bits", 3)),
         F, "12.2", "a module map with a key not in the table")
+    out0, in0, _ = h0["modules"][0]["shape"]
+    add("v2_weight_shape_product", v2_changed(lambda h, secs: h["modules"][0].__setitem__(
+        "weight_shape", [out0, in0 + 1, 1])),
+        F, "12.2", "a conv kernel shape whose in·k product is not the module's in_features")
+    add("v2_weight_shape_fan_in_fan_out", v2_changed(lambda h, secs: h["modules"][0].update(
+        weight_shape=[out0, in0, 1], fan_in_fan_out=True)),
+        F, "12.2", "a conv module (weight_shape) marked fan_in_fan_out")
     add("v2_kind_missing", v2_changed(lambda h, secs: h["defaults"].pop("kind")),
         F, "12.2", "no 'kind' in the module nor in defaults")
     add("v2_prefix_past_previous", v2_changed(lambda h, secs: h["tensors"][0].__setitem__("p", 2)),
