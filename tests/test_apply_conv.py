@@ -1,14 +1,12 @@
 """deltacodec.apply on conv modules (kohya conv LoRA): ΔW = B@A (out × in·kh·kw) reshaped to the
 kernel's shape (out, in, kh, kw), in place, through the same fast path as linear modules.
 
-A container that records kernel shapes gives its module entries a ``weight_shape``; the file
-here is built by hand and its entries are given that attribute, so the test does not depend on
-which container version records it. The reference is written plainly: dequantize A and B from
+Container version 2 gives a conv module's entry a ``weight_shape``; the file here is a
+hand-built version-1 one whose entries are given it, so the codebooks and indices are the test's
+own (end to end through a real version-2 file: tests/test_diffusers_pipeline.py). The reference is written plainly: dequantize A and B from
 the indices and codebooks the test chose, multiply in float64, reshape with numpy."""
 
 from __future__ import annotations
-
-import types
 
 import numpy as np
 import pytest
@@ -38,7 +36,7 @@ def conv_file(tmp_path, kernel=(KH, KW), sine=False) -> tuple[SldFile, np.ndarra
     path.write_bytes(assemble([m], [], [sa, sb]))
     f = SldFile(path)
     shape = (OUT, IN, *kernel)
-    f.modules = [types.SimpleNamespace(**e._asdict(), weight_shape=shape) for e in f.modules]
+    f.modules = [e._replace(weight_shape=shape) for e in f.modules]
     f._by_module = {e.name: e for e in f.modules}
     a = (np.asarray(CB_A) * 0.5)[a_idx].reshape(RANK, in_k)
     b = (np.asarray(CB_B) * 0.125)[b_idx].reshape(OUT, RANK)
