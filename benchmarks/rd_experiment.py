@@ -46,9 +46,7 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -62,8 +60,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deltacodec  # noqa: E402
-from deltacodec.analysis import RDPoint, bd_table, plot_rd  # noqa: E402
+import rdlib  # noqa: E402  (shared with rd_text.py)
+from deltacodec.analysis import RDPoint, plot_rd  # noqa: E402
+from rdlib import delta_stats, lr_schedule, monotone_frontier, weights_digest, write_bd_csv, write_points_csv  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 METHODS = ("LoRA", "SineLoRA")
@@ -183,9 +184,7 @@ def quick_settings(seed: int) -> Settings:
 # ==================================================================================================
 
 
-def log(msg: str) -> None:
-    """Progress line on stderr (stdout is kept for the result tables)."""
-    print(f"[rd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = rdlib.make_logger("rd")  # progress on stderr (stdout is kept for the result tables)
 
 
 def make_tables(spec: TaskSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,15 +306,6 @@ def accuracy(model: torch.nn.Module, seqs: torch.Tensor, spec: TaskSpec, batch: 
         total += pred.numel()
     model.train(was_training)
     return 100.0 * correct / total
-
-
-def lr_schedule(step: int, steps: int, warmup: int, decay: bool = True) -> float:
-    """Multiplier of the base learning rate: linear warmup, then linear decay to 0 (or constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not decay:
-        return 1.0
-    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def train_loop(model: torch.nn.Module, batches, steps: int, lr: float, spec: TaskSpec,
@@ -544,33 +534,6 @@ def train_grid_cell(base, method: str, rank: int, data: dict, st: Settings, out:
 # ==================================================================================================
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: proves ``AppliedAdapter.remove`` restored the base."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def delta_stats(adapter_dir: str, sld_path: Path) -> dict:
-    """Weight-space view of one ``.sld`` file against its source adapter, averaged over modules:
-    ``dw_rel_error`` = ||ΔW_q − ΔW||_F / ||ΔW||_F and ``dw_stable_rank`` = stable rank of the
-    ΔW_q the file applies (sin(ω·Q(B)Q(A)) for sine-LoRA, Q(B)Q(A) for LoRA). Diagnostic only."""
-    from deltacodec.analysis import module_stats
-
-    src = {m.name: m for m in deltacodec.read_adapter(adapter_dir).modules}
-    f = deltacodec.load(sld_path)
-    errs, srs = [], []
-    for e in f.modules:
-        m = src[e.name]
-        A_q, B_q = f.dequantize(e.name)
-        st = module_stats(m.A, m.B, omega=m.omega, gamma=m.gamma, scale=m.scale, sine=m.sine, A_q=A_q, B_q=B_q)
-        errs.append(st["rel_error"])
-        srs.append(st["sr_sine_q"] if m.sine else st["sr_lowrank_q"])
-    return {"dw_rel_error": float(np.mean(errs)), "dw_stable_rank": float(np.mean(srs))}
-
-
 def encode_and_evaluate(base, ta: TrainedAdapter, test: torch.Tensor, st: Settings, out: Path,
                         digest: str) -> list[dict]:
     """Encode ``ta`` at every bit width with ``deltacodec.encode`` and measure each file's test
@@ -619,62 +582,15 @@ def rd_points(records: list[dict], by: str) -> list[RDPoint]:
     return pts
 
 
-def monotone_frontier(points: list[RDPoint]) -> tuple[list[RDPoint], list[RDPoint]]:
-    """Per (method, group) curve, sorted by rate, keep a point only if its quality is strictly
-    above that of every cheaper point: the operational RD curve (nobody ships a larger file for
-    no better accuracy). BD integrals need such strictly increasing curves. Returns (kept, dropped)."""
-    kept, dropped = [], []
-    curves: dict = {}
-    for p in points:
-        curves.setdefault((p.method, p.group), []).append(p)
-    for pts in curves.values():
-        best = -math.inf
-        for p in sorted(pts, key=lambda p: p.rate):
-            (kept if p.quality > best else dropped).append(p)
-            best = max(best, p.quality)
-    order = {p: i for i, p in enumerate(points)}
-    return sorted(kept, key=order.get), sorted(dropped, key=order.get)
-
-
-def write_points_csv(points: list[RDPoint], path: Path) -> None:
-    """CSV in the ``sld bd`` input format: columns method, group, rate (bytes), quality (% acc)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "group", "rate", "quality"])
-        for p in points:
-            w.writerow([p.method, p.group, int(p.rate), f"{p.quality:.4f}"])
-
-
 def bd_rows(points: list[RDPoint]) -> tuple[list[dict], list[str]]:
     """``bd_table`` of every method vs the LoRA anchor (akima); curves it cannot use (too few
     points, ...) are left out. Returns (rows, messages about what was left out or flagged)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = bd_table(points, anchor=ANCHOR, method=INTERP, errors="warn")
-    return rows, [str(w.message) for w in caught]
-
-
-def write_bd_csv(rows: list[dict], path: Path, kind: str) -> None:
-    """The BD rows as CSV; ``kind`` names the group column ("bits" or "ranks")."""
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow([kind, "method", "anchor", "interpolation", "bd_rate_percent", "bd_accuracy_points",
-                    "n_test", "n_anchor", "warnings"])
-        for r in rows:
-            w.writerow([r["group"], r["method"], r["anchor"], r["interpolation"], f"{r['bd_rate']:.3f}",
-                        f"{r['bd_quality']:.3f}", r["n_test"], r["n_anchor"], " | ".join(r["warnings"])])
+    return rdlib.bd_rows(points, ANCHOR, INTERP)
 
 
 def run_sld_bd_cli(csv_path: Path, out_json: Path) -> dict:
     """``python -m deltacodec.cli bd CSV --json --skip-bad``: the CLI reads our CSV as its input."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "deltacodec.cli", "bd", str(csv_path), "--anchor", ANCHOR, "--json", "--skip-bad"],
-        capture_output=True, text=True, cwd=REPO, check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"sld bd failed on {csv_path} (exit {proc.returncode}): {proc.stderr.strip()}")
-    out_json.write_text(proc.stdout)
-    return json.loads(proc.stdout)
+    return rdlib.run_sld_bd_cli(csv_path, out_json, ANCHOR)
 
 
 # ==================================================================================================
@@ -704,14 +620,15 @@ def print_results(grid: list[TrainedAdapter], records: list[dict], st: Settings)
         print(f"{ta.method:8s} {ta.rank:>4d} {ta.adapter_bytes:>8d} " + " ".join(f"{accs[b]['bytes']:>8d}" for b in bits))
 
 
-def print_bd(rows: list[dict], notes: list[str], dropped: list[RDPoint], title: str) -> None:
-    print(f"\n{title}  (anchor {ANCHOR}, {INTERP}; BD-rate: % bytes at equal accuracy, negative = smaller;"
+def print_bd(rows: list[dict], notes: list[str], dropped: list[RDPoint], title: str, anchor: str = ANCHOR) -> None:
+    print(f"\n{title}  (anchor {anchor}, {INTERP}; BD-rate: % bytes at equal accuracy, negative = smaller;"
           " BD-acc: accuracy points at equal bytes)")
     if rows:
         print(f"{'group':>6s} {'BD-rate %':>10s} {'BD-acc':>8s} {'points':>7s}")
         for r in rows:
             flag = " *" if r["warnings"] else ""
-            print(f"{r['group']:>6s} {r['bd_rate']:>+10.2f} {r['bd_quality']:>+8.2f} "
+            who = "" if anchor == ANCHOR else f" {r['method']:>9s}"  # arm tables: name the arm
+            print(f"{r['group']:>6s}{who} {r['bd_rate']:>+10.2f} {r['bd_quality']:>+8.2f} "
                   f"{str(r['n_test']) + '/' + str(r['n_anchor']):>7s}{flag}")
     else:
         print("(no group has usable curves on both sides)")
@@ -779,6 +696,41 @@ def analyse(records: list[dict], st: Settings, out: Path) -> dict:
     return analysis
 
 
+def measure_and_analyse_arms(base, grid: list[TrainedAdapter], records: list[dict], test: torch.Tensor,
+                             arms: list, bpps: tuple, st: Settings, out: Path) -> dict:
+    """``--quantizers``: the extra encoder arms (``rdlib.Arm``) on the same adapters, and BD of
+    each against today's k-means (the rows of ``records``), per (method, rank), curves over the
+    arm's rate settings; plus sine-vs-LoRA per rate setting under each arm. Writes
+    ``arms_points.csv``, ``rd_arms[_frontier].csv``, ``bd_arms.csv``, ``bd_<arm>_settings.csv``.
+    Nothing here touches the default outputs."""
+    rows, skipped = rdlib.measure_arms(
+        base, [(ta.method, ta.rank, ta.adapter_dir) for ta in grid], arms,
+        lambda arm: arm.settings(st.bits, bpps), lambda m: {"accuracy": accuracy(m, test, st.task)},
+        out / "sld", log)
+    km = [{"method": r["method"], "rank": r["rank"], "arm": "kmeans", "rate_kind": "bits", "setting": r["bits"],
+           "bytes": r["bytes"], "accuracy": r["accuracy"], "dw_rel_error": r["dw_rel_error"]} for r in records]
+    all_rows = km + rows
+    with open(out / "arms_points.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["method", "rank", "arm", "rate_kind", "setting", "bytes", "accuracy",
+                                           "dw_rel_error"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(all_rows)
+    result: dict = {"skipped": skipped, "measurements": rows}
+    tables = [("arms", rdlib.arm_rd_points(all_rows, "accuracy"), "kmeans", "adapter")]
+    for arm in arms:
+        pts = [RDPoint(r["method"], f"{r['setting']:g}", float(r["bytes"]), r["accuracy"])
+               for r in rows if r["arm"] == arm.name]
+        tables.append((f"{arm.name}_settings", pts, ANCHOR, "setting"))
+    for name, pts, anchor, kind in tables:
+        write_points_csv(pts, out / f"rd_{name}.csv")
+        kept, dropped = monotone_frontier(pts)
+        write_points_csv(kept, out / f"rd_{name}_frontier.csv")
+        bd, notes = rdlib.bd_rows(kept, anchor, INTERP)
+        write_bd_csv(bd, out / f"bd_{name}.csv", kind)
+        result[name] = {"rows": bd, "notes": notes, "dropped": [p._asdict() for p in dropped], "anchor": anchor}
+    return result
+
+
 def write_measurements(summary: dict, out: Path) -> None:
     """``measurements.json`` (everything) and ``measurements.csv`` (one row per .sld file)."""
     (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -789,8 +741,11 @@ def write_measurements(summary: dict, out: Path) -> None:
         w.writerows(records)
 
 
-def run(st: Settings, out: Path, cache_dir: Path) -> dict:
-    """The whole pipeline for one seed; writes every output file into ``out``; returns the summary."""
+def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
+        bpps: tuple = rdlib.DEFAULT_BITS_PER_PARAM) -> dict:
+    """The whole pipeline for one seed; writes every output file into ``out``; returns the summary.
+    ``arms``: extra encoder arms (``rdlib.Arm``, k-means excluded) measured on the same adapters
+    after the default measurement, rate-controlled ones at ``bpps`` bits/param."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -817,6 +772,7 @@ def run(st: Settings, out: Path, cache_dir: Path) -> dict:
     records = measure_codec(base, grid, data["test"], st, out)
     codec_seconds = time.perf_counter() - t_codec
     analysis = analyse(records, st, out)
+    arms_result = measure_and_analyse_arms(base, grid, records, data["test"], arms, bpps, st, out) if arms else None
 
     summary = {
         "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()},
@@ -829,6 +785,9 @@ def run(st: Settings, out: Path, cache_dir: Path) -> dict:
         "measurements": records,
         "bd": analysis,
     }
+    if arms_result is not None:  # only with --quantizers: default runs write what they always wrote
+        summary["arms"] = {"arms": [dataclasses.asdict(a) for a in arms], "bits_per_param": list(bpps),
+                           **arms_result}
     write_measurements(summary, out)
 
     print(f"\nRD experiment, seed {st.seed}{' (quick)' if st.quick else ''}: base {base_info['params']:,} params, "
@@ -837,6 +796,12 @@ def run(st: Settings, out: Path, cache_dir: Path) -> dict:
     for by, title in (("bits", "BD per bit width (curve = ranks)"), ("ranks", "BD per rank (curve = bit widths)")):
         a = analysis[by]
         print_bd(a["rows"], a["notes"], [RDPoint(**d) for d in a["dropped"]], title)
+    if arms_result is not None:
+        for name in ["arms"] + [f"{a.name}_settings" for a in arms]:
+            r = arms_result[name]
+            what = "arm vs k-means per adapter (curve = rate settings)" if name == "arms" else \
+                f"{name}: SineLoRA vs LoRA per rate setting (curve = ranks)"
+            print_bd(r["rows"], r["notes"], [RDPoint(**d) for d in r["dropped"]], f"BD {what}", r["anchor"])
     print(f"\ntiming: pretraining {base_info['seconds']:.1f} s{' (cached)' if base_info['cached'] else ''}, "
           f"grid training {grid_seconds:.1f} s (hyperparameter search included), encode+eval {codec_seconds:.1f} s, "
           f"total {summary['timing']['total_seconds']:.1f} s; {st.threads} threads")
@@ -908,6 +873,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "out" / "cache",
                    help="where the pretrained base model is cached (default benchmarks/out/cache)")
+    p.add_argument("--quantizers", default="kmeans",
+                   help="comma-separated encoder arms measured on the same adapters: kmeans (today's default, "
+                   "always run), uniform, kmeans_v2, ecsq, auto; arms the installed encoder lacks are skipped with a "
+                   "note; extra arms write arms_points.csv, bd_arms.csv, bd_<arm>_settings.csv")
+    p.add_argument("--bits-per-param", type=float, nargs="+",
+                   help="targets of the rate-controlled arms (default 1 1.5 2 3 4 6)")
     p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT",
                    help="do not run: print the BD tables of these output directories with mean and spread")
     return p.parse_args(argv)
@@ -936,7 +907,16 @@ def main(argv=None) -> int:
         return 0
     st = settings_from_args(a)
     out = a.out or REPO / "benchmarks" / "out" / "rd" / f"seed{st.seed}{'-quick' if st.quick else ''}"
-    run(st, out, a.cache_dir)
+    try:
+        names = [q.strip() for q in a.quantizers.split(",") if q.strip()]
+        for q in names:
+            rdlib.arm_named(q)
+    except ValueError as exc:
+        print(f"rd_experiment.py: error: {exc}", file=sys.stderr)
+        return 2
+    arms = [x for x in rdlib.supported_arms(names, log) if x != rdlib.KMEANS]
+    bpps = tuple(sorted(set(a.bits_per_param))) if a.bits_per_param else rdlib.DEFAULT_BITS_PER_PARAM
+    run(st, out, a.cache_dir, arms, bpps)
     return 0
 
 

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
-from .cli_args import bits_arg, finite_arg, gamma_arg, level_arg, limit_help, size_arg
+from .cli_args import bits_arg, finite_arg, gamma_arg, level_arg, limit_help, positive_arg, size_arg
 from .cli_inspect import add_inspect_parser, add_verify_parser, inspect_summary, verify_file
 from .cli_progress import break_line, stderr_progress
 from .cli_text import one_line
 from .errors import DeltacodecWarning, SldError
+from .layouts import LAYOUT_NAMES
 
 __all__ = ["main", "run", "build_parser", "error_message", "size_arg", "inspect_summary", "verify_file"]
 
@@ -79,6 +81,12 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         level=args.level,
         progress=stderr_progress("encode", quiet=args.quiet),
         force=args.force,
+        layout=args.layout,
+        container=args.container,
+        size=args.size,
+        bits_per_param=args.bits_per_param,
+        max_error=args.max_error,
+        refit=args.refit,
     )
     size = os.path.getsize(out)
     if not args.quiet:
@@ -86,7 +94,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.report:
         from .report import weight_error_report
 
-        print(weight_error_report(args.src, out, omega=args.omega, gamma=args.gamma, alpha=args.alpha))
+        print(weight_error_report(args.src, out, omega=args.omega, gamma=args.gamma, alpha=args.alpha,
+                                  layout=args.layout))
     return 0
 
 
@@ -127,16 +136,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     e = sub.add_parser("encode", help="adapter directory or .safetensors/.bin -> .sld")
-    e.add_argument("src", metavar="ADAPTER", help="PEFT adapter directory, .safetensors or .bin file")
-    e.add_argument("--bits", type=bits_arg, default=3, help="1..8 (codebook) or 16 (float16); default 3")
+    e.add_argument("src", metavar="ADAPTER", help="adapter directory, .safetensors or .bin file (PEFT, diffusers or kohya-ss layout)")
+    tg = e.add_mutually_exclusive_group()
+    tg.add_argument("--bits", type=bits_arg, default=None,
+                    help="1..8: k-means codebook of 2^N entries (ecsq/auto: N bits/param on average); 16: lossless "
+                         "(bf16/fp16 factors bit-exact with --container 2); default 3")
+    tg.add_argument("--size", type=size_arg, metavar="SIZE",
+                    help="target file size: bytes, or with a unit (3MB, 512KiB); lands at or under it within 5%%")
+    tg.add_argument("--bits-per-param", type=positive_arg("bits-per-param"), metavar="B",
+                    help="target file bits per factor parameter, e.g. 2.2")
+    tg.add_argument("--max-error", type=positive_arg("max-error"), metavar="E",
+                    help="largest relative ΔW error of any module, e.g. 0.05")
     e.add_argument("-o", "--output", help="output .sld path (default: beside the input)")
     e.add_argument("--force", action="store_true", help="replace the output if it exists (never an input)")
     e.add_argument("--omega", type=finite_arg("omega", nonzero=True),
                    help="sine frequency ω; makes the adapter a sine adapter")
     e.add_argument("--gamma", type=gamma_arg, help="sine divisor γ: a number or 'sqrt-in' (default)")
     e.add_argument("--alpha", type=finite_arg("alpha"),
-                   help="lora_alpha when the adapter has no config (scale = alpha/r)")
-    e.add_argument("--quantizer", choices=["kmeans", "uniform"], default="kmeans")
+                   help="lora_alpha: replaces the config's (and its alpha_pattern), or gives it to an adapter "
+                        "without one (scale = alpha/r)")
+    e.add_argument("--quantizer", choices=["kmeans", "uniform", "ecsq", "auto"], default=None,
+                   help="kmeans (default with --bits), uniform, ecsq (entropy-constrained, rate-controlled; default "
+                        "with --size/--bits-per-param/--max-error) or auto (ecsq or k-means per tensor)")
+    e.add_argument("--container", type=int, choices=[1, 2], default=None,
+                   help="container version: 2 (rANS, lighter header; default for ecsq/auto) or 1 (older readers; "
+                        "default for kmeans/uniform)")
+    e.add_argument("--no-refit", dest="refit", action="store_const", const=False, default=None,
+                   help="ecsq/auto: do not refit lora_B against the quantized lora_A")
+    e.add_argument("--layout", choices=list(LAYOUT_NAMES),
+                   help="read the input as this layout instead of detecting it (default: detected)")
     e.add_argument("--level", type=level_arg, default=1, help="zstd level 1..22, 0 = no entropy stage; default 1")
     e.add_argument("--report", action="store_true", help="print the weight-space error per module")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
@@ -239,11 +267,46 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``sld ARGS``: the exit status (argparse's own exits, --help and usage errors, included)."""
     parser = build_parser()
+    _tag_verb_parsers(parser)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would report these with the top-level usage, not the verb's
+            args._verb_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help/--version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
-    return run(args)
+    previous = _terminate_as_interrupt()
+    try:
+        return run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tag_verb_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each parser records itself as ``_verb_parser`` (the innermost one wins: ``sld batch
+    encode``), so an error about the arguments shows the usage of the verb that was typed."""
+    parser.set_defaults(_verb_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _tag_verb_parsers(sub)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporaries removed, workers stopped, exit 130
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (``kill``, a job scheduler's stop) cleans up as Ctrl-C does; None when this is not
+    the main thread (no handler can be set there) or SIGTERM is ignored."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_IGN:
+            return None
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        return previous
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import math
 import re
 from typing import Callable
 
-__all__ = ["size_arg", "gamma_arg", "finite_arg", "int_range_arg", "bits_arg", "level_arg", "limit_help"]
+__all__ = ["size_arg", "gamma_arg", "finite_arg", "positive_arg", "int_range_arg", "bits_arg", "level_arg",
+           "limit_help"]
 
 
 def gamma_arg(text: str) -> float | str:
@@ -39,6 +40,22 @@ def finite_arg(what: str, *, nonzero: bool = False) -> Callable[[str], float]:
         return v
 
     parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def positive_arg(what: str) -> Callable[[str], float]:
+    """A parser of positive finite floats for the option named ``what`` (rate targets)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive finite number, got '{text}'")
+        return v
+
+    parse.__name__ = what
     return parse
 
 

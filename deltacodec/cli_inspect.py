@@ -25,6 +25,18 @@ def _open(path: str, max_decoded_bytes: int | None):
     return SldFile(path, max_decoded_bytes=max_decoded_bytes)
 
 
+def _v2_facts(e: Any) -> dict[str, Any]:
+    """Version 2: a quantized tensor's number of levels (table symbols) and side-information
+    bytes (in the header), a lossless one's stored and coded field streams."""
+    if e.coder is None:
+        return {"levels": None, "side_bytes": 0}
+    side = e.coder[1]
+    if e.encoding == "codebook":
+        return {"levels": side.table.size, "side_bytes": side.nbytes}
+    return {"levels": None, "side_bytes": 0, "fields_coded": len(side.tables) - side.stored,
+            "fields_stored": side.stored}
+
+
 def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[str, Any]:
     """What ``sld inspect --json`` prints: header facts, one row per tensor, totals, and the
     whole header metadata (any msgpack value; :func:`deltacodec.cli_text.dumps` writes it)."""
@@ -44,6 +56,7 @@ def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[
                 "compression": e.compression,
                 "bytes": e.length,
                 "bits_per_param": 8.0 * e.length / n,
+                **(_v2_facts(e) if f.version == 2 else {}),
             }
         )
     modules = [
@@ -71,6 +84,8 @@ def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[
         "method": meta.get("method"),
         "encoder": meta.get("encoder"),
         "base_model": meta.get("base_model"),
+        # Absent means PEFT (spec 3.3); anything else is shown as recorded, escaped on output.
+        "layout": meta.get("layout", "peft"),
         "omega": omegas[0] if len(omegas) == 1 else omegas or None,
         "gamma": "sqrt(in_features)"
         if f.modules and all(m.sine and math.isclose(m.gamma, math.sqrt(m.in_features)) for m in f.modules)
@@ -105,12 +120,19 @@ def format_inspect(s: dict[str, Any]) -> str:
     lines = [f"{one_line(s['file'])}: .sld version {s['version']}, {s['bytes']:,} bytes (header {s['header_bytes']:,})"]
     lines.append(f"  method      {_show(s['method'])}    encoder {_show(s['encoder'])}")
     lines.append(f"  base model  {_show(s['base_model'], 'unknown')}")
+    lines.append(f"  layout      {_show(s['layout'])} (what 'sld decode' writes back)")
     if s["omega"] is not None:
         lines.append(f"  omega       {s['omega']}    gamma {s['gamma']}")
     lines.append(f"  scale       {', '.join(f'{v:g}' for v in s['scales']) or '-'}")
+    if s["version"] == 2:
+        side = sum(r.get("side_bytes", 0) for r in s["tensors"])
+        q = sum(1 for r in s["tensors"] if r.get("levels"))
+        lines.append(f"  container   v2: {q} rANS-coded quantized tensors (at most "
+                     f"{max([r['levels'] for r in s['tensors'] if r.get('levels')] or [0])} levels), "
+                     f"side information {side:,} bytes in the header")
     transposed = sum(m["fan_in_fan_out"] for m in s["modules"])
     if transposed:
-        lines.append(f"  layout      W is in×out (fan_in_fan_out) in {transposed} of {len(s['modules'])} modules")
+        lines.append(f"  orientation W is in×out (fan_in_fan_out) in {transposed} of {len(s['modules'])} modules")
     names = [escape(r["name"]) for r in s["tensors"]]
     name_w = max([len(n) for n in names] + [6])
     lines.append(

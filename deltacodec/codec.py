@@ -23,6 +23,12 @@ __all__ = ["encode", "decode", "load", "default_output", "decoded_config", "floa
 
 Progress = Callable[[int, int, str], None]
 PASSTHROUGH_BITS = 16
+# The container written when neither the quantizer nor the caller asks for one: version 1
+# for now, so that files made with today's options (k-means at fixed bits) stay byte-identical
+# for the readers and tools built on version 1; ecsq/auto and the rate targets write version 2.
+DEFAULT_CONTAINER = 1
+V2_QUANTIZERS = ("ecsq", "auto")
+LANES = 4
 _F16_MAX = 65504.0
 
 
@@ -103,37 +109,92 @@ def _factor(values: np.ndarray, name: str, bits: int, quantizer: str, level: int
 
 def encode(
     src: str | os.PathLike[str] | Adapter,
-    bits: int = 3,
+    bits: int | None = None,
     *,
     out: str | os.PathLike[str] | None = None,
     omega: float | None = None,
     gamma: float | str | None = None,
     alpha: float | None = None,
-    quantizer: str = "kmeans",
+    quantizer: str | None = None,
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
     force: bool = False,
     layout: str | None = None,
+    container: int | None = None,
+    size: int | None = None,
+    bits_per_param: float | None = None,
+    max_error: float | None = None,
+    refit: bool | None = None,
 ) -> str:
     """Encode an adapter into an ``.sld`` file and return its path.
 
     ``src``: an adapter directory, a ``.safetensors``/``.bin`` file (PEFT, diffusers or kohya-ss
     layout, detected; ``layout`` overrides), or an :class:`Adapter`. A non-PEFT layout is
     recorded in the metadata (``layout``, ``layout_info``) so that decode writes it back.
-    ``bits``: 1..8 (a ``2**bits``-entry codebook per tensor) or 16 (float16 pass-through).
+
+    The target, exactly one of (default ``bits=3``):
+
+    * ``bits``: 1..8, or 16 (lossless: a factor whose values are exactly bfloat16 or float16, as a
+      bf16/fp16 adapter's are, is kept bit-exact; an fp32 factor is rounded to float16). With
+      k-means/uniform a ``2**bits``-entry codebook per tensor; with ecsq/auto the same average
+      bits per parameter (index and side information bits of the factors);
+    * ``size``: the file's size in bytes (it lands at or under it, within 5 %);
+    * ``bits_per_param``: the file's bits over the factors' parameter count;
+    * ``max_error``: the largest relative ΔW error of any module (‖ΔŴ−ΔW‖/‖ΔW‖).
+
+    ``quantizer``: ``"kmeans"`` (default with ``bits``), ``"uniform"``, ``"ecsq"`` (entropy-
+    constrained uniform-step quantizer, one rate–distortion multiplier for the adapter; default
+    for the other targets) or ``"auto"`` (ECSQ or k-means per tensor). ``refit`` (ecsq/auto,
+    default on): refit B by least squares against the quantized A before quantizing B.
+    ``container``: 2 (rANS-coded indices, lighter header; bit-exact ``bits=16``) or 1 (readable
+    by older deltacodec; k-means/uniform/16-bit only). Default: 2 for ecsq/auto (and so for
+    every rate target), 1 for k-means/uniform at fixed bits (:data:`DEFAULT_CONTAINER`).
     ``omega``/``gamma``/``alpha`` override the adapter's config (``gamma`` a number or
-    ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to store packed indices without the
-    entropy stage. Tensors that are not lora_A/lora_B pairs are stored losslessly. The file is
+    ``"sqrt-in"``). ``level``: zstd level 1..22, or 0 to
+    store packed indices without the entropy stage (version 1; version 2 uses zstd only for raw
+    extras). Tensors that are not lora_A/lora_B pairs are stored losslessly. The file is
     written atomically; the same input and options give byte-identical output.
 
     An existing ``out`` is refused unless ``force``; an ``out`` that is or lies inside the input
     (or its ``adapter_config.json``) is refused even with ``force`` (:class:`OutputError`,
     raised before any work is done).
     """
-    if not (1 <= bits <= 8 or bits == PASSTHROUGH_BITS):
-        raise EncodeError(f"bits must be 1..8 or 16, got {bits}")
-    if quantizer not in QUANTIZERS:
-        raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS)}")
+    targets = {k: v for k, v in (("bits", bits), ("size", size), ("bits_per_param", bits_per_param),
+                                 ("max_error", max_error)) if v is not None}
+    if len(targets) > 1:
+        raise EncodeError(f"give exactly one target, got {', '.join(targets)}")
+    if not targets:
+        bits = 3
+        targets = {"bits": 3}
+    kind, value = next(iter(targets.items()))
+    if quantizer is None:
+        quantizer = "kmeans" if kind == "bits" else "ecsq"
+    if quantizer not in QUANTIZERS + V2_QUANTIZERS:
+        raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS + V2_QUANTIZERS)}")
+    container_asked = container
+    if container is None:
+        # 16 bits means lossless, which only version 2 is for bf16 sources
+        lossless = kind == "bits" and value == PASSTHROUGH_BITS
+        container = 2 if quantizer in V2_QUANTIZERS or lossless else DEFAULT_CONTAINER
+    if container not in (1, 2):
+        raise EncodeError(f"container must be 1 or 2, got {container!r}")
+    if kind == "bits":
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == PASSTHROUGH_BITS):
+            raise EncodeError(f"bits must be 1..8 or 16, got {bits!r}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and value < float("inf")):
+            raise EncodeError(f"{kind} must be a positive finite number, got {value!r}")
+        if quantizer in QUANTIZERS:
+            raise EncodeError(f"a {kind} target needs rate control: quantizer 'ecsq' or 'auto', not '{quantizer}' "
+                              "(k-means takes a fixed number of bits)")
+    rate_controlled = quantizer in V2_QUANTIZERS and bits != PASSTHROUGH_BITS
+    if container == 1 and quantizer in V2_QUANTIZERS:
+        raise EncodeError(f"quantizer '{quantizer}' needs container version 2 (rANS-coded indices); container 1 "
+                          "holds k-means/uniform codebooks and 16-bit factors only")
+    if refit is not None and not rate_controlled:
+        if refit:
+            raise EncodeError("refit applies to the ecsq/auto quantizers; k-means at fixed bits quantizes each factor "
+                              "as it is")
     if not 0 <= level <= MAX_LEVEL:
         raise EncodeError(f"level must be 0..{MAX_LEVEL}, got {level}")
     if isinstance(src, Adapter):
@@ -145,6 +206,22 @@ def encode(
     check_output(out, inputs, force=force, kind="file")  # before the slow part
     if not isinstance(src, Adapter):
         adapter = read_adapter(src, omega=omega, gamma=gamma, alpha=alpha, layout=layout)
+    for m in adapter.modules:
+        for which, arr in (("lora_A", m.A), ("lora_B", m.B)):
+            if arr.size and not np.isfinite(arr).all():
+                raise EncodeError(f"{_src_name(src)}: tensor '{m.name}.{which}.weight' holds NaN or Inf")
+    conv = [m.name for m in adapter.modules if m.weight_shape is not None]
+    if conv and container == 1:
+        if container_asked == 1:
+            raise EncodeError(f"{_src_name(src)}: module '{conv[0]}' is a conv LoRA module ({len(conv)} in all): "
+                              "container version 1 cannot record kernel shapes; use container 2 (the default here)")
+        container = 2  # only version 2 records kernel shapes
+    metadata = _metadata(adapter)
+    if container == 2:
+        data = _encode_v2(adapter, metadata, out, kind, value, quantizer, level, progress,
+                          True if refit is None else refit, src)
+        write_bytes(out, data, inputs=inputs, force=force)
+        return out
 
     modules = []
     total = len(adapter.modules)
@@ -162,6 +239,7 @@ def encode(
                 "omega": m.omega,
                 "gamma": m.gamma,
                 "fan_in_fan_out": m.fan_in_fan_out,
+                "weight_shape": m.weight_shape,
                 "A": _factor(m.A, f"{m.name}.lora_A.weight", bits, quantizer, level),
                 "B": _factor(m.B, f"{m.name}.lora_B.weight", bits, quantizer, level),
             }
@@ -175,6 +253,21 @@ def encode(
         tensors.append(
             {"name": name, "shape": values.shape, "encoding": "raw", "dtype": dt, "compression": comp, "section": section}
         )
+    try:
+        data = build_container(metadata, modules, tensors, name=out)
+    except EncodeError as exc:
+        raise EncodeError(f"encoding {_src_name(src)}: {exc}") from None
+    write_bytes(out, data, inputs=inputs, force=force)
+    return out
+
+
+def _src_name(src: str | os.PathLike[str] | Adapter) -> str:
+    if isinstance(src, Adapter):
+        return src.source or "the in-memory adapter"
+    return os.fspath(src)
+
+
+def _metadata(adapter: Adapter) -> dict[str, Any]:
     config = _portable_config(adapter.config)
     metadata: dict[str, Any] = {
         "encoder": f"deltacodec {_version}",
@@ -185,8 +278,151 @@ def encode(
     if adapter.layout != "peft":  # absent means PEFT (spec 3.3): PEFT files stay as they were
         metadata["layout"] = adapter.layout
         metadata["layout_info"] = _jsonable(adapter.layout_info)
-    write_bytes(out, build_container(metadata, modules, tensors, name=out), inputs=inputs, force=force)
-    return out
+    return metadata
+
+
+def _extras(adapter: Adapter, level: int, version: int, lanes: int) -> list[dict[str, Any]]:
+    """The tensors stored losslessly beside the factors: raw (zstd when it pays); in version 2
+    F16/BF16 ones as field streams when that is smaller."""
+    from .encode_v2 import lossless_tensor
+
+    tensors = []
+    for name in sorted(adapter.extras):
+        values, dt = adapter.extras[name]
+        section, comp = compress(_raw_section(values, dt), level)
+        t = {"name": name, "shape": values.shape, "encoding": "raw", "dtype": dt, "compression": comp,
+             "section": section}
+        if version == 2 and dt in ("F16", "BF16") and values.size and np.isfinite(values).all():
+            f = lossless_tensor(values, dt, lanes)
+            if len(f["section"]) + len(f["side"]) < len(section):
+                f["name"] = name
+                t = f
+        tensors.append(t)
+    return tensors
+
+
+def _module_dict(m: Any, A: dict[str, Any], B: dict[str, Any]) -> dict[str, Any]:
+    return {"name": m.name, "sine": m.sine, "out_features": m.out_features, "in_features": m.in_features,
+            "rank": m.rank, "scale": m.scale, "omega": m.omega, "gamma": m.gamma,
+            "fan_in_fan_out": m.fan_in_fan_out, "weight_shape": m.weight_shape, "A": A, "B": B}
+
+
+def _v2_fixed_factor(values: np.ndarray, name: str, bits: int, quantizer: str) -> dict[str, Any]:
+    """A factor at fixed bits in version 2: k-means/uniform exactly as in version 1 (the same
+    codebook and indices), indices rANS-coded; float16 field streams instead when no larger and
+    no less accurate (the rule of :func:`_factor`). ``bits`` 16: lossless (see encode)."""
+    from .encode_v2 import f16_tensor, kmeans_tensor, lossless_dtype, lossless_tensor
+
+    if bits == PASSTHROUGH_BITS:
+        dt = lossless_dtype(values)
+        return lossless_tensor(values, dt, LANES) if dt else f16_tensor(values, name, LANES)
+    t = kmeans_tensor(values, name, bits, quantizer, LANES)
+    coded = len(t["section"]) + len(t["side"])
+    peak = float(np.max(np.abs(values)))
+    if 2 * values.size <= coded and peak <= _F16_MAX:
+        raw = f16_tensor(values, name, LANES)
+        x = values.astype(np.float64).reshape(-1)
+        sse_f16 = float(np.sum((values.astype(np.float16).astype(np.float64).reshape(-1) - x) ** 2))
+        sse_cb = float(np.sum((t["values"].astype(np.float64) - x) ** 2))
+        sse_normal = float(np.sum((x * 2.0**-11) ** 2))
+        if len(raw["section"]) + len(raw["side"]) <= coded and sse_f16 <= max(sse_cb, sse_normal):
+            return raw
+    return t
+
+
+def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, value: float, quantizer: str,
+               level: int, progress: Progress | None, refit: bool, src: Any) -> bytes:
+    """The bytes of a version-2 file (checked by the reader's rules before they are returned)."""
+    from .encode_v2 import coded_tensor
+
+    extras = _extras(adapter, level, 2, LANES)
+    mods = adapter.modules
+    total = len(mods)
+
+    def build(modules: list[dict[str, Any]]) -> bytes:
+        try:
+            return build_container(metadata, modules, extras, name=out, version=2, lanes=LANES)
+        except EncodeError as exc:
+            raise EncodeError(f"encoding {_src_name(src)}: {exc}") from None
+
+    if quantizer in QUANTIZERS or value == PASSTHROUGH_BITS and kind == "bits":
+        modules = []
+        for i, m in enumerate(mods):
+            if progress:
+                progress(i, total, m.name)
+            modules.append(_module_dict(
+                m, _v2_fixed_factor(m.A, f"{m.name}.lora_A.weight", int(value), quantizer),
+                _v2_fixed_factor(m.B, f"{m.name}.lora_B.weight", int(value), quantizer)))
+        if progress:
+            progress(total, total, "")
+        return build(modules)
+    if not mods:
+        return build([])
+    from .ratecontrol import MAX_LEVELS, Target, encode_modules
+
+    # What the container adds around the plan's streams and side information: the header
+    # (measured with every factor at its smallest: a stream of 4·LANES bytes and a few side bytes)
+    floor = build([_module_dict(m, _min_tensor(m.A), _min_tensor(m.B)) for m in mods])
+    overhead = len(floor) - sum(2 * (4 * LANES + 2) for _ in mods)
+    if kind == "size" and value < len(floor):
+        raise EncodeError(f"encoding {_src_name(src)}: a file of {int(value):,} bytes is unreachable: the smallest "
+                          f"this adapter encodes to is {len(floor):,} bytes (header and container "
+                          f"{overhead:,} bytes, every factor at its lowest rate)")
+    if kind == "bits_per_param":
+        params = sum(m.A.size + m.B.size for m in mods)
+        if value * params / 8.0 < len(floor):
+            raise EncodeError(f"encoding {_src_name(src)}: {value} bits/param is unreachable: the smallest file is "
+                              f"{len(floor):,} bytes = {8.0 * len(floor) / params:.4g} bits/param")
+    goal = float(value)
+    data = b""
+    for attempt in range(4):
+        t_kind = "bits" if kind == "bits" else kind
+        plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
+                              overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
+                              lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False)
+        st = plan.streams
+        modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES, st[2 * i]),
+                                coded_tensor(plan.tensors[2 * i + 1], LANES, st[2 * i + 1]))
+                   for i, m in enumerate(mods)]
+        data = build(modules)
+        if kind == "size" and len(data) > value:
+            goal *= (value / len(data)) * 0.995
+            continue
+        if kind == "bits_per_param":
+            got = 8.0 * len(data) / sum(m.A.size + m.B.size for m in mods)
+            if got > value:
+                goal *= (value / got) * 0.995
+                continue
+        if kind == "max_error" and plan.max_error > value:
+            worst = max(plan.modules, key=lambda r: r.rel_error)
+            raise EncodeError(f"encoding {_src_name(src)}: max_error {value:g} is unreachable with at most "
+                              f"{MAX_LEVELS} quantizer levels per tensor (the apply kernels' 8-bit indices): "
+                              f"module '{worst.name}' reaches {worst.rel_error:.4g}; use --bits 16 for lossless")
+        break
+    else:
+        if kind in ("size", "bits_per_param"):
+            raise EncodeError(f"encoding {_src_name(src)}: {kind} {value:g} is unreachable: the smallest file rate "
+                              f"control reached is {len(data):,} bytes (the container alone, every factor "
+                              f"zero, is {len(floor):,} bytes)")
+    if progress:
+        progress(total, total, "")
+    return data
+
+
+def _min_tensor(values: np.ndarray) -> dict[str, Any]:
+    """The cheapest quantized tensor (every value 0: one symbol, a 1-symbol table)."""
+    from .bitio import BitWriter
+    from .freqtable import best_table
+    from .ecsq import bf16_bits, write_params
+    from . import rans
+
+    table = best_table(np.array([values.size]), 0)
+    bw = BitWriter()
+    bw.bits(0, 1)
+    table.write(bw)
+    write_params(bw, bf16_bits(1.0), 0, 0)
+    return {"shape": values.shape, "encoding": "q", "side": bw.getvalue(),
+            "section": rans.encode([(np.zeros(values.size, np.int32), table)], lanes=LANES)}
 
 
 def _encode_inputs(src: str | os.PathLike[str] | Adapter) -> list[str]:

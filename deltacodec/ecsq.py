@@ -6,7 +6,7 @@ amount of side information (no codebook):
 * ``Δ``: a positive normal bfloat16 (16 bits; the encoder rounds its step to one);
 * ``θ1``, ``θ2``: reconstruction offsets in 1/256 of a step, for ``|i| = 1`` and ``|i| >= 2``.
 
-Reconstruction (exact in any IEEE implementation; see docs/v2-coder-draft.md)::
+Reconstruction (exact in any IEEE implementation; see spec/sld-format.md part 2 (§13))::
 
     value(0) = 0
     value(i) = sign(i) · float32((256·|i| - θ) / 256) · float32(Δ)    θ = θ1 if |i| = 1 else θ2

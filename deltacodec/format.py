@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import msgpack
 import numpy as np
 
-from . import entropy
+from . import bytegroup, entropy, rans
 from .errors import DecodeError, EncodeError, SldChecksumError, SldError, SldFormatError, SldLimitError, SldVersionError
 from .header import (
     MAX_CONTAINER,
@@ -51,6 +51,7 @@ from .header import (
     iter_entries,
     parse_header,
 )
+from .header_v2 import parse_header_v2
 from .pack import padding_is_zero, unpack_indices
 
 __all__ = [
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 MAGIC = b"\x89SLD\r\n\x1a\n"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 1  # what build_container writes with version=1 (the v1 layout)
+VERSION_2 = 2
+SUPPORTED_VERSIONS = (1, 2)
 PREAMBLE_SIZE = 20
 _PREAMBLE = struct.Struct("<8sIII")
 HEADER_LEVEL = 19
@@ -95,6 +97,7 @@ CHUNK_ELEMENTS = 1 << 20
 _WHOLE_SECTION = 4 << 20
 _IO_CHUNK = 4 << 20
 _NO_LIMIT = 1 << 62
+_JOIN_RUN = 1 << 16  # version-2 field streams are joined into 16-bit words this many at a time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class SldFile:
         decoded = self._decompress_header(raw_header)
         del raw_header
         data_size = self.file_size - self.data_offset
-        hdr = parse_header(decoded, self.path)
+        hdr = (parse_header if self.version == 1 else parse_header_v2)(decoded, self.path)
         del decoded
         self.metadata: dict[str, Any] = hdr.metadata
         self.modules: list[ModuleEntry] = hdr.modules
@@ -236,6 +239,8 @@ class SldFile:
                 limit=self.max_decoded_bytes,
                 requested=self.decoded_nbytes,
             )
+        self.data_crc32: int | None = hdr.data_crc32
+        self._data_checked = False
         self._by_module = {m.name: m for m in self.modules}
         self._by_tensor = {t.name: t for t in self.tensors}
         for m in self.modules:
@@ -337,23 +342,33 @@ class SldFile:
         (``sec``: the section's bytes when the caller has already read them)."""
         start = self.data_offset + e.offset
         P = e.payload_nbytes
+        if self.data_crc32 is not None:
+            self._check_data_crc(e)
         if e.length <= _WHOLE_SECTION:
             if sec is None:
                 sec = self._read(start, e.length, e)
             crc = zlib.crc32(sec)
-            if crc != e.crc32:
+            if self.data_crc32 is None and crc != e.crc32:
                 raise self._crc_fail(e, crc)
             reader: Callable[[int, int], bytes] = lambda off, n: sec[off:off + n]  # noqa: E731
             source: io.RawIOBase | io.BufferedIOBase = io.BytesIO(sec)
         else:
             crc = 0
-            for off in range(0, e.length, _IO_CHUNK):
-                crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
-            if crc != e.crc32:
-                raise self._crc_fail(e, crc)
+            if self.data_crc32 is None:
+                for off in range(0, e.length, _IO_CHUNK):
+                    crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, e.length - off), e), crc)
+                if crc != e.crc32:
+                    raise self._crc_fail(e, crc)
             reader = lambda off, n: self._read(start + off, max(0, min(n, e.length - off)), e)  # noqa: E731
             source = _Range(self._src, start, e.length)
-        if e.compression == "none":
+        if e.compression in ("rans", "fields"):
+            whole = sec if sec is not None else self._read(start, e.length, e)
+            payload = self._decode_v2(e, whole)
+            reader = lambda off, n: payload[off:off + n]  # noqa: E731
+            e_none = True
+        else:
+            e_none = e.compression == "none"
+        if e_none:
             pos = 0
 
             def read_raw(n: int) -> bytes:
@@ -385,6 +400,85 @@ class SldFile:
                 raise SldFormatError(f"{self._where(e)}: {exc}") from None
 
         return _Payload(read_z, finish_z)
+
+    def _tensor_rans(self, e: TensorEntry, need: int) -> np.ndarray:
+        """A version-2 quantized tensor decoded straight to its values (one pass in the compiled
+        decoder: symbol → value, no index array)."""
+        self._check_data_crc(e)
+        lanes, side = e.coder
+        try:
+            sec = self._read(self.data_offset + e.offset, e.length, e)
+            out = np.empty(e.numel, dtype=np.float32)
+            rans.decode_values(sec, [(e.numel, side.table, side.values)], lanes, out=out)
+        except rans.RansError as exc:
+            raise SldFormatError(f"{self._where(e)}: rANS stream: {exc}") from None
+        except MemoryError:
+            raise self._oom(e, need) from None
+        return out.reshape(e.shape)
+
+    def _check_data_crc(self, e: TensorEntry) -> None:
+        """Version 2: the CRC-32 of the whole data area, checked once (streamed) before the first
+        section is decoded, so no decoded value comes from a corrupt file."""
+        if self._data_checked:
+            return
+        start, n = self.data_offset, self.file_size - self.data_offset
+        crc = 0
+        for off in range(0, n, _IO_CHUNK):
+            crc = zlib.crc32(self._read(start + off, min(_IO_CHUNK, n - off), e), crc)
+        if crc != self.data_crc32:
+            raise SldChecksumError(
+                f"{self.path}: data area CRC-32 mismatch (offset {start}, {n} bytes, stored "
+                f"{self.data_crc32:#010x}, computed {crc:#010x}): the file is corrupt (found decoding "
+                f"tensor '{e.name}')"
+            )
+        self._data_checked = True
+
+    def _decode_v2(self, e: TensorEntry, sec: bytes) -> bytes:
+        """A version-2 section (CRC already checked) decoded to the tensor's payload: one byte
+        per symbol (index - imin) for a quantized tensor, the little-endian 16-bit words for a
+        lossless one. Memory: the section and the payload, about the tensor's size."""
+        lanes, side = e.coder
+        n = e.numel
+        try:
+            if e.compression == "rans":
+                sym = rans.decode_symbols(sec, [(n, side.table)], lanes)
+                return sym.astype(np.uint8).tobytes()
+            coded = [t for t in side.tables if t is not None]
+            n_stored = side.stored
+            stream_len = len(sec) - n_stored * n
+            if stream_len < 0 or (coded and stream_len == 0) or (not coded and stream_len != 0):
+                raise rans.RansError(f"{len(sec)} bytes do not hold a stream and {n_stored} stored field "
+                                     f"streams of {n} bytes")
+            sym = rans.decode_symbols(sec[:stream_len], [(n, t) for t in coded], lanes) if coded else None
+            out = np.empty(n, dtype="<u2")
+            # joined in runs, so the temporaries of the join stay small beside the symbols
+            for lo in range(0, n, _JOIN_RUN):
+                hi = min(n, lo + _JOIN_RUN)
+                fields, ci, ri = [], 0, 0
+                for t in side.tables:
+                    if t is None:
+                        off = stream_len + ri * n + lo
+                        fields.append(np.frombuffer(sec, dtype=np.uint8, count=hi - lo, offset=off))
+                        ri += 1
+                    else:
+                        fields.append((sym[ci * n + lo:ci * n + hi] + t.imin).astype(np.uint8))
+                        ci += 1
+                out[lo:hi] = bytegroup.join_fields(fields, side.dtype)
+            del sym
+            return out.tobytes()
+        except rans.RansError as exc:
+            raise SldFormatError(f"{self._where(e)}: rANS stream: {exc}") from None
+
+    def kernel_factor(self, entry: TensorEntry | str) -> tuple[np.ndarray, np.ndarray]:
+        """A quantized factor as the fused apply kernels take it: (indices, values) with
+        ``indices`` uint8, flat, row-major, one per element, and ``values`` float32 of
+        ``2**entry.bits`` entries, so that the tensor is ``values[indices]``. Works for version-1
+        codebook tensors (indices into the codebook) and version-2 quantized tensors (symbols of
+        at most 256, the encoder's cap). Validated as :meth:`indices` is."""
+        e = self._lookup(entry)
+        if e.encoding != "codebook":
+            raise DecodeError(f"{self.path}: tensor '{e.name}' is stored losslessly ({e.dtype}), it has no indices")
+        return self.indices(e), e.codebook
 
     def read_section(self, entry: TensorEntry) -> bytes:
         """The tensor's whole payload: section read, CRC-checked, entropy stage undone (exactly
@@ -498,6 +592,8 @@ class SldFile:
         raw tensors to float16 (F16), float32 (BF16 widened exactly, F32) or float64 (F64)."""
         e = self._lookup(entry_or_name)
         need = e.numel * e.decoded_dtype.itemsize
+        if e.compression == "rans":
+            return self._tensor_rans(e, need)
         try:
             out = np.empty(e.numel, dtype=e.decoded_dtype)
             pos = 0
@@ -692,8 +788,14 @@ def build_container(
     tensors: list[dict[str, Any]],
     *,
     name: str = "the output",
+    version: int = VERSION,
+    lanes: int = 4,
 ) -> bytes:
     """Serialise a whole file, then check it with the reader's own rules before returning it.
+
+    ``version`` 1 writes the version-1 layout; 2 the version-2 one (:func:`serialize_v2`: tensor
+    dicts may then also be quantized, ``encoding: "q"``, or lossless 16-bit, ``"f"``, with
+    ``side`` bytes and a rANS ``section`` coded with ``lanes`` lanes).
 
     Each module dict has name, sine, out_features, in_features, rank, scale, omega, gamma,
     fan_in_fan_out and A/B tensor dicts; each tensor dict has shape, encoding and its fields plus
@@ -703,7 +805,16 @@ def build_container(
     finite, a limit) raises :class:`EncodeError` naming ``name`` and the tensor or module; the
     caller has then written nothing.
     """
-    data = serialize_unchecked(metadata, modules, tensors, name=name)
+    if version == VERSION_2:
+        data = serialize_v2(metadata, modules, tensors, name=name, lanes=lanes)
+    elif version == VERSION:
+        conv = [m["name"] for m in modules if m.get("weight_shape")]
+        if conv:
+            raise EncodeError(f"{name}: module '{conv[0]}' is a conv module (weight_shape); container version 1 "
+                              "cannot record kernel shapes: write version 2")
+        data = serialize_unchecked(metadata, modules, tensors, name=name)
+    else:
+        raise EncodeError(f"{name}: container version must be 1 or 2, got {version!r}")
     try:
         SldFile.from_bytes(data, name, max_decoded_bytes=_NO_LIMIT).verify()
     except SldError as exc:
@@ -770,3 +881,114 @@ def zstandard_compress_header(packed: bytes) -> bytes:
     return zstandard.ZstdCompressor(
         level=HEADER_LEVEL, write_checksum=False, write_content_size=True, write_dict_id=False
     ).compress(packed)
+
+
+_MODULE_FIELDS = ("kind", "scale", "omega", "gamma", "fan_in_fan_out")
+
+
+def _module_fields(mod: dict[str, Any]) -> dict[str, Any]:
+    f: dict[str, Any] = {"kind": "sine" if mod["sine"] else "lora", "scale": float(mod["scale"])}
+    if mod["sine"]:
+        f["omega"] = float(mod["omega"])
+        f["gamma"] = float(mod["gamma"])
+    f["fan_in_fan_out"] = bool(mod["fan_in_fan_out"])
+    return f
+
+
+def _defaults(fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per module field, its most frequent value (ties: the first seen): stored once."""
+    out: dict[str, Any] = {}
+    for key in _MODULE_FIELDS:
+        counts: dict[Any, int] = {}
+        for f in fields:
+            if key in f:
+                v = f[key]
+                k = (type(v).__name__, v)
+                counts[k] = counts.get(k, 0) + 1
+        if counts:
+            best = max(counts.items(), key=lambda kv: kv[1])  # max keeps the first of equal counts
+            out[key] = best[0][1]
+    return out
+
+
+def _prefix(prev: bytes, name: str) -> tuple[int, str]:
+    raw = name.encode("utf-8", "surrogatepass")
+    p = 0
+    limit = min(len(prev), len(raw))
+    while p < limit and prev[p] == raw[p]:
+        p += 1
+    while 0 < p < len(raw) and (raw[p] & 0xC0) == 0x80:  # never split a UTF-8 sequence
+        p -= 1
+    return p, raw[p:].decode("utf-8", "surrogatepass")
+
+
+def _tensor_map_v2(t: dict[str, Any], section: bytes) -> list[Any]:
+    """The version-2 tensor descriptor array (spec §12.2)."""
+    enc = t["encoding"]
+    if enc in ("q", "f"):
+        return [0 if enc == "q" else 1, len(section), bytes(t["side"])]
+    if enc == "raw":
+        return [2, len(section), t["dtype"], t["compression"]]
+    raise EncodeError(f"tensor encoding {enc!r} cannot be written in container version 2")
+
+
+def serialize_v2(
+    metadata: Any,
+    modules: list[dict[str, Any]],
+    tensors: list[dict[str, Any]],
+    *,
+    name: str = "the output",
+    lanes: int = 4,
+) -> bytes:
+    """The version-2 bytes, unchecked (see :func:`build_container`, which checks them).
+
+    Module fields shared by most modules go to ``defaults`` once; shapes are ``[out, in, rank]``
+    (factor shapes implied); names are prefix-compressed against the previous entry's name;
+    sections are back to back in entry order, their offsets implied.
+    """
+    sections: list[bytes] = []
+    fields = [_module_fields(m) for m in modules]
+    defaults = _defaults(fields)
+    prev = b""
+    mods = []
+    for mod, f in zip(modules, fields):
+        p, suffix = _prefix(prev, mod["name"])
+        prev = mod["name"].encode("utf-8", "surrogatepass")
+        m: dict[str, Any] = {"name": suffix}
+        if p:
+            m["p"] = p
+        m["shape"] = [int(mod["out_features"]), int(mod["in_features"]), int(mod["rank"])]
+        if mod.get("weight_shape"):
+            m["weight_shape"] = [int(v) for v in mod["weight_shape"]]
+        for key, v in f.items():
+            if key not in defaults or defaults[key] != v or type(defaults[key]) is not type(v):
+                m[key] = v
+        for which in ("A", "B"):
+            sec = bytes(mod[which]["section"])
+            m[which] = _tensor_map_v2(mod[which], sec)
+            sections.append(sec)
+        mods.append(m)
+    extras = []
+    for t in tensors:
+        p, suffix = _prefix(prev, t["name"])
+        prev = t["name"].encode("utf-8", "surrogatepass")
+        m = {"name": suffix}
+        if p:
+            m["p"] = p
+        m["shape"] = [int(d) for d in t["shape"]]
+        sec = bytes(t["section"])
+        m["t"] = _tensor_map_v2(t, sec)
+        sections.append(sec)
+        extras.append(m)
+    crc = 0
+    for sec in sections:
+        crc = zlib.crc32(sec, crc)
+    header = {"metadata": metadata, "defaults": defaults, "lanes": int(lanes), "crc32": crc, "modules": mods,
+              "tensors": extras}
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"{name}: the header cannot be written as msgpack: {exc}") from None
+    hdr = zstandard_compress_header(packed)
+    pre = _PREAMBLE.pack(MAGIC, VERSION_2, len(hdr), zlib.crc32(hdr))
+    return b"".join([pre, hdr, *sections])

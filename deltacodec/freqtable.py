@@ -11,7 +11,7 @@ Two kinds, chosen per tensor by whichever codes the tensor in fewer bits (table 
   (``a = b = 0``) or flat-topped (``b < 0``). A few bytes whatever ``K`` is: best for the small
   tensors of small adapters, where an explicit table would cost 5-40 % of the tensor.
 
-The serialised form and the param rule are specified in docs/v2-coder-draft.md; everything in
+The serialised form and the param rule are specified in spec/sld-format.md part 2 (§13); everything in
 this module that a decoder needs is integer arithmetic, so every implementation builds the same
 frequencies. How the *encoder* picks a table (normalisation, fitting) is free.
 """
@@ -89,7 +89,7 @@ class FreqTable:
         return c
 
     def write(self, bw: BitWriter) -> None:
-        """Append the serialised table to ``bw`` (format in docs/v2-coder-draft.md)."""
+        """Append the serialised table to ``bw`` (format in spec/sld-format.md part 2 (§13))."""
         bw.bits(1 if self.kind == "param" else 0, 1)
         bw.bits(self.precision - 1, 4)
         bw.seg0(self.imin)
@@ -194,7 +194,7 @@ def _egk_bits(v: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def param_table(imin: int, k: int, precision: int, a: int, b: int, shift: int = 0) -> FreqTable:
-    """The param table (exact integer rule of docs/v2-coder-draft.md, "param tables").
+    """The param table (exact integer rule of spec/sld-format.md §13.2).
 
     ``E_s = A·|i| + B·i²`` for ``i = imin + s``; ``e_s = (E_s - min E) >> 12`` (units of 1/256
     bit); ``w_s = T[e_s mod 256] >> (e_s div 256)`` (0 once the shift reaches 32);

@@ -113,6 +113,8 @@ class TensorEntry(NamedTuple):
     length: int
     crc32: int
     value_bound: float | None = None
+    # container version 2 (header_v2): (lanes, sideinfo.QuantSide or FieldSide); None in version 1
+    coder: Any = None
 
     @property
     def numel(self) -> int:
@@ -132,7 +134,15 @@ class TensorEntry(NamedTuple):
 
     @property
     def codebook(self) -> np.ndarray | None:
-        """The dequantized codebook, float32, ``2**bits`` values (None for raw tensors)."""
+        """The dequantized codebook, float32, ``2**bits`` values (None for raw tensors).
+
+        Version 2 quantized tensors: the value of each symbol (index - imin), padded with zeros
+        to ``2**bits`` entries (the rANS decoder never yields a symbol past the table)."""
+        if self.coder is not None and self.encoding == "codebook":
+            vals = self.coder[1].values
+            out = np.zeros(1 << self.bits, dtype=np.float32)
+            out[: vals.size] = vals
+            return out
         if self.codebook_f16 is None:
             return None
         # validated at open: the products are finite (section 6.1), no overflow guard needed
@@ -153,6 +163,9 @@ class ModuleEntry(NamedTuple):
     fan_in_fan_out: bool
     A: TensorEntry
     B: TensorEntry
+    # A conv module's kernel shape (out, in, kh[, kw[, kd]]): ΔW is the out×in·kh·kw matrix
+    # reshaped to it. None for a linear module, and always in a version-1 file.
+    weight_shape: tuple[int, ...] | None = None
 
     @property
     def bits(self) -> tuple[int, int]:
@@ -165,6 +178,7 @@ class Header:
     modules: list[ModuleEntry] = field(default_factory=list)
     tensors: list[TensorEntry] = field(default_factory=list)
     decoded_nbytes: int = 0
+    data_crc32: int | None = None  # version 2: CRC-32 of the whole data area (version 1: per section)
 
 
 def dequantize_codebook(codebook_f16: bytes, scale: float) -> np.ndarray:

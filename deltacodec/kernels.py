@@ -24,11 +24,19 @@ evaluated with one fused multiply-add (the torch backend's ``add_(alpha=c)`` may
 The torch backend forms ``y`` as ``(omega' * b) @ a``: folding omega into the rank-r factor
 saves a pass over every chunk of W, and costs one extra rounding per element of ``b``, which
 moves ``y`` by at most ``u * omega * (|b| @ |a|)``, the size of the matmul's own rounding.
+For plain LoRA with ``|c|`` a power of two (``scale`` 1, 2, 0.5, ...: alpha/r for the usual
+choices) the torch backend forms ``W + c·x`` with one ``addmm_(b, a, alpha=c)``, into W itself
+when W is float32: scaling by such a ``c`` is exact, so that equals the sequence above even where
+BLAS folds ``c`` into ``b`` (MKL does), provided the BLAS forms the rank-r sum before it updates
+W (MKL does for both sides >= 16; the backend asks for 64 and rank <= 64, and
+tests/test_kernels.py checks the property bit for bit).  Other scales, and other shapes, form
+``x`` in a buffer first.
 
 Backends
 --------
 * :func:`delta_add_torch` -- reference backend: readable, runs on any device, and fast on CPU
-  (row-chunked, in place, one pre-allocated fp32 chunk buffer; no full-size temporaries).
+  (row-chunked, in place, at most two pre-allocated fp32 chunk buffers; no full-size temporaries;
+  plain LoRA with a power-of-two scale on a float32 W proven finite is one in-place addmm_).
 * :func:`delta_add_triton` -- one fused Triton kernel that reads the packed streams and codebooks
   as stored, unpacks and dequantizes the factor tiles in registers, forms the rank-r product with
   ``tl.dot`` and patches the ``W`` tile in place.  Runs on CUDA, and on CPU tensors under
@@ -50,6 +58,7 @@ import numpy as np
 import torch
 
 from deltacodec.errors import ApplyError, SldFormatError
+from deltacodec.pack import unpack_indices
 
 __all__ = [
     "PackedFactor",
@@ -58,6 +67,7 @@ __all__ = [
     "delta_add_torch",
     "delta_add_triton",
     "delta_add",
+    "finite_by_bound",
     "triton_available",
     "select_backend",
     "rank_block",
@@ -97,7 +107,8 @@ class PackedFactor:
     ``shape``) occupies stream bits ``[i*width, (i+1)*width)``, LSB-first: stream bit ``j`` is
     ``(data[j >> 3] >> (j & 7)) & 1`` and the element's index is ``sum_t bit(i*width + t) << t``.
     Fields straddle bytes when ``width`` is 3, 5, 6 or 7.  ``len(data) == ceil(numel*width/8)``.
-    For ``bits == 16``: a float16 tensor of shape ``shape`` (pass-through, no codebook).
+    For ``bits == 16``: a float16 or bfloat16 tensor of shape ``shape`` (pass-through, no
+    codebook; both widen exactly to fp32, and the Triton kernel loads either, as its pointer says).
 
     ``codebook``: float32, length ``2**bits`` (bits 1..8); ``None`` for 16.
     ``width``: field width, ``bits <= width <= 8`` (ignored for 16).
@@ -129,9 +140,9 @@ def _check_factor(f: PackedFactor, name: str) -> None:
         raise SldFormatError(f"factor {name}: shape must be two positive sizes, got {shape}")
     numel = int(shape[0]) * int(shape[1])
     if f.bits == 16:
-        if f.data.dtype != torch.float16 or tuple(f.data.shape) != shape:
+        if f.data.dtype not in (torch.float16, torch.bfloat16) or tuple(f.data.shape) != shape:
             raise SldFormatError(
-                f"factor {name}: bits=16 expects a float16 tensor of shape {shape}, "
+                f"factor {name}: bits=16 expects a float16 or bfloat16 tensor of shape {shape}, "
                 f"got {f.data.dtype} {tuple(f.data.shape)}"
             )
         if f.codebook is not None:
@@ -246,13 +257,55 @@ def _max_nan(a: float | None, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
+def _largest_value(f: "PackedFactor") -> float:
+    """max |value| the factor can decode to (NaN when a value is NaN)."""
+    values = f.data if f.bits == 16 else f.codebook
+    return _largest_magnitude(values.detach().to(torch.float32))
+
+
+def finite_by_bound(
+    W: torch.Tensor,
+    A: "PackedFactor",
+    B: "PackedFactor",
+    *,
+    scale: float,
+    gamma: float,
+    sine: bool,
+    fan_in_fan_out: bool,
+    name: str | None = None,
+) -> bool:
+    """True when every element of W + ΔW is proven finite in W's dtype before anything is
+    computed: max |W| (one reduction over W, on its device, no copy) against an upper bound on
+    |ΔW| from the factors' codebooks alone, without unpacking them (|c| for sine-LoRA;
+    |c|·r·max |codebook of B|·max |codebook of A| for LoRA, the fp16 values for a fp16 factor),
+    both with the margin ``_PROOF_MARGIN``.  ``omega`` does not enter (|sin| <= 1).
+
+    False proves nothing either way: W holds inf/NaN or values near the top of its dtype's range,
+    or the factors are huge; the sums must then be checked as they are formed (what
+    :func:`delta_add_torch` does unless told ``proven=True``).  This is the check that lets
+    :func:`deltacodec.apply` with ``keep_original=False`` patch a weight without a copy of it.
+    """
+    _check_operands(W, A, B, fan_in_fan_out, name)
+    c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
+    if W.numel() == 0:
+        return True
+    if sine:
+        bound = abs(c)
+    else:  # loose (entries the indices never use count too) but free; a loose bound only sends
+        # weights already near the top of their dtype's range to the checked path
+        rank = int(A.shape[0])
+        bound = abs(c) * rank * _largest_value(B) * _largest_value(A)
+    return _largest_magnitude(W.detach()) <= _room_for_w(W.dtype, bound)  # NaN on either side: False
+
+
 # --------------------------------------------------------------------------------------------
 # Dequantization and the scalar coefficients
 # --------------------------------------------------------------------------------------------
 
 
 def _unpack_indices(data: torch.Tensor, numel: int, width: int) -> torch.Tensor:
-    """The ``numel`` fields of ``width`` bits of an LSB-first uint8 stream, as int64 indices."""
+    """The ``numel`` fields of ``width`` bits of an LSB-first uint8 stream, as int64 indices
+    (torch ops on ``data``'s device: the path for CUDA streams)."""
     first_bit = torch.arange(numel, dtype=torch.int64, device=data.device) * width
     byte = first_bit >> 3
     shift = first_bit & 7
@@ -264,20 +317,37 @@ def _unpack_indices(data: torch.Tensor, numel: int, width: int) -> torch.Tensor:
     return (word >> shift) & ((1 << width) - 1)
 
 
+def _index_error(f: PackedFactor) -> SldFormatError:
+    return SldFormatError(
+        f"factor: index stream holds a value >= 2**bits = {1 << f.bits} "
+        f"(width {f.width}); the codebook has only {1 << f.bits} entries"
+    )
+
+
 def dequantize_torch(f: PackedFactor, device: torch.device | str | None = None) -> torch.Tensor:
     """The factor's values as a float32 tensor of shape ``f.shape`` (on ``device``, default the
     device of ``f.data``).  Raises :class:`SldFormatError` for malformed factors, including a
-    stream holding an index >= ``2**bits`` (possible only when ``width > bits``)."""
+    stream holding an index >= ``2**bits`` (possible only when ``width > bits``).
+
+    A stream on the CPU is unpacked and looked up with numpy (:func:`deltacodec.pack.unpack_indices`:
+    whole-array shifts and masks, ~60 us for 65k 3-bit fields, against ~340 us for the int64
+    gathers the torch path needs) and then moved to ``device``; a stream already on a GPU is
+    unpacked there.
+    """
     _check_factor(f, "factor")
-    data = f.data if device is None else f.data.to(device)
+    target = f.data.device if device is None else torch.device(device)
     if f.bits == 16:
-        return data.to(torch.float32)
+        return f.data.to(device=target, dtype=torch.float32)
+    if f.data.device.type == "cpu":
+        index = unpack_indices(f.data.numpy(), f.numel, f.width)
+        if f.width > f.bits and bool((index >> f.bits).any()):
+            raise _index_error(f)
+        values = f.codebook.cpu().numpy()[index]  # exact: a gather of fp32 values
+        return torch.from_numpy(values).reshape(f.shape).to(target)
+    data = f.data.to(target)
     index = _unpack_indices(data, f.numel, f.width)
     if f.width > f.bits and bool((index >> f.bits).any()):
-        raise SldFormatError(
-            f"factor: index stream holds a value >= 2**bits = {1 << f.bits} "
-            f"(width {f.width}); the codebook has only {1 << f.bits} entries"
-        )
+        raise _index_error(f)
     codebook = f.codebook.to(data.device)
     return codebook[index].reshape(f.shape)
 
@@ -295,6 +365,17 @@ def delta_coefficient(*, scale: float, gamma: float, sine: bool) -> float:
     if not math.isfinite(value):
         raise ApplyError(f"the delta coefficient is not finite in fp32 (scale={scale!r}, gamma={gamma!r})")
     return value
+
+
+#: Where the torch backend may form plain LoRA's sum with one addmm_ (see delta_add_torch).
+_FUSED_MIN_SIDE = 64
+_FUSED_MAX_RANK = 64
+
+
+def _power_of_two(c: float) -> bool:
+    """|c| = 2**k: c·x is exact in fp32 (short of overflow, and of results below the normal
+    range, where it differs from the rounded product by less than the smallest subnormal)."""
+    return c != 0.0 and math.isfinite(c) and math.frexp(abs(c))[0] == 0.5
 
 
 def _omega32(omega: float) -> float:
@@ -328,13 +409,18 @@ def delta_add_torch(
     fan_in_fan_out: bool,
     chunk_elements: int | None = None,
     name: str | None = None,
+    proven: bool = False,
 ) -> None:
     """Reference backend: ``W += delta`` in place, on W's device (see the module docstring).
 
-    W is processed in chunks of whole rows.  Per chunk: ``matmul(..., out=buf)`` into one
-    pre-allocated fp32 buffer, ``buf.sin_()`` (sine only; omega is folded into B), then the fp32
-    sum with W and one rounding to W's dtype.  Peak extra memory is one chunk
-    (``chunk_elements`` fp32 values) plus the dequantized factors, whatever the size of W.
+    W is processed in chunks of whole rows.  Per chunk: sine: ``matmul(..., out=buf)`` into a
+    pre-allocated fp32 buffer and ``buf.sin_()`` (omega is folded into B), then the fp32 sum
+    ``W + c·buf``; plain: likewise without the sine, or, when ``|c|`` is a power of two, the sum
+    by one ``addmm_(left, right, alpha=c)`` (see the module docstring).  A float32 W holds its
+    own sum; otherwise the sum
+    is formed in a second fp32 buffer from W widened exactly, and copied back with one rounding
+    to W's dtype.  Peak extra memory is two chunks (``chunk_elements`` fp32 values each) plus
+    the dequantized factors, whatever the size of W.
 
     Overflow: no chunk is written unless its sum is finite in W's dtype.  A bound on |ΔW| from
     the factors alone (|sin| <= 1; |x_ij| <= sum_k |left_ik| * max |right|) and one reduction
@@ -346,6 +432,11 @@ def delta_add_torch(
     dtype and that value.  The chunks before the failing one have been patched by then: a
     caller that must leave W unchanged keeps a copy and restores it (:func:`deltacodec.apply`
     does).
+
+    ``proven=True``: the caller has established with :func:`finite_by_bound` on this W and these
+    factors that every sum is finite; the per-chunk checks are skipped (one reduction over W
+    less), and plain LoRA with a power-of-two ``|c|`` on a float32 W is one in-place
+    ``W.addmm_(left, right, alpha=c)``, no buffer at all.
     """
     _check_operands(W, A, B, fan_in_fan_out, name)
     c = delta_coefficient(scale=scale, gamma=gamma, sine=sine)
@@ -361,37 +452,62 @@ def delta_add_torch(
         left, right = a.t().contiguous(), b.t().contiguous()  # (in, r), (r, out)
     else:
         left, right = b, a  # (out, r), (r, in)
+    # addmm_(alpha=c) is the documented d = c·x, W + d only when scaling by c is exact (|c| a
+    # power of two: BLAS may fold c into ``left``, as MKL does) and the BLAS forms the whole
+    # rank-r sum before it updates W once. MKL does for these shapes (tested bit for bit against
+    # the buffered sequence); with a side under 16 torch takes another path that accumulates
+    # into W term by term, hence the size floor. Everything else: product into a buffer, then
+    # W + c·buffer.
+    fused = (not sine and _power_of_two(c) and min(W.shape) >= _FUSED_MIN_SIDE
+             and int(left.shape[1]) <= _FUSED_MAX_RANK)
+    if proven and fused and W.dtype == torch.float32:
+        # W's own storage is the fp32 accumulator: nothing to round afterwards, no buffer.
+        W.addmm_(left, right, alpha=c)
+        return
 
     n_rows, n_cols = W.shape
     if chunk_elements is None:
         chunk_elements = _CHUNK_ELEMENTS.get(W.device.type, 1 << 20)
     chunk_rows = max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
-    buf = torch.empty((chunk_rows, n_cols), dtype=torch.float32, device=W.device)
+    # Every op below works on one dtype: mixed-dtype elementwise ops (bf16 + fp32) are not
+    # vectorised on CPU and cost 5-10x a widening copy_ followed by an fp32 op.
+    shape = (chunk_rows, n_cols)
+    # x = left @ right (sin(omega x) for sine), unless addmm_ adds it straight into the sum
+    dbuf = None if fused else torch.empty(shape, dtype=torch.float32, device=W.device)
+    sbuf: torch.Tensor | None = None  # the fp32 sum W + c·d, made when W cannot hold it itself
     limit = OVERFLOW_AT[W.dtype]
-    room = _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
+    room = math.inf if proven else _room_for_w(W.dtype, _delta_bound(left, right, c, sine))
     largest: float | None = None  # set once a chunk overflows: max |W + ΔW| from there on
     for r0 in range(0, n_rows, chunk_rows):
         r1 = min(n_rows, r0 + chunk_rows)
-        d = buf[: r1 - r0]
-        torch.matmul(left[r0:r1], right, out=d)
-        if sine:
-            d.sin_()
         w = W[r0:r1]
-        if largest is None and _largest_magnitude(w) <= room:  # NaN/inf in w: not <= room
-            if W.dtype == torch.float32:
-                w.add_(d, alpha=c)
+        if not fused:
+            d = torch.matmul(left[r0:r1], right, out=dbuf[: r1 - r0])
+            if sine:
+                d.sin_()
+        safe = proven or (largest is None and _largest_magnitude(w) <= room)  # NaN/inf in w: not <= room
+        if safe and W.dtype == torch.float32:
+            if fused:
+                w.addmm_(left[r0:r1], right, alpha=c)
             else:
-                torch.add(w, d, alpha=c, out=d)  # fp32 sum (w is widened exactly)
-                w.copy_(d)  # the one rounding to W's dtype (round to nearest even)
+                w.add_(d, alpha=c)
             continue
-        # Exact path: the fp32 sum aside, checked before W is written.  Rounding to W's dtype
-        # overflows exactly when |sum| >= limit.
-        torch.add(w, d, alpha=c, out=d)
-        m = _largest_magnitude(d)
-        if largest is not None or not m < limit:
-            largest = _max_nan(largest, m)
-            continue
-        w.copy_(d)
+        # The fp32 sum aside: W widened exactly, the delta added, then (after the check on the
+        # exact path) the one rounding to W's dtype (round to nearest even) as it is copied back.
+        if sbuf is None:
+            sbuf = torch.empty(shape, dtype=torch.float32, device=W.device)
+        t = sbuf[: r1 - r0]
+        t.copy_(w)
+        if fused:
+            t.addmm_(left[r0:r1], right, alpha=c)
+        else:
+            t.add_(d, alpha=c)
+        if not safe:  # rounding to W's dtype overflows exactly when |sum| >= limit
+            m = _largest_magnitude(t)
+            if largest is not None or not m < limit:
+                largest = _max_nan(largest, m)
+                continue
+        w.copy_(t)
     if largest is not None:
         raise overflow_error(name, W.dtype, largest)
 
@@ -608,8 +724,10 @@ def delta_add_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     name: str | None = None,
+    proven: bool = False,
 ) -> None:
-    """Fused Triton backend: same contract as :func:`delta_add_torch`.
+    """Fused Triton backend: same contract as :func:`delta_add_torch` (``proven`` changes
+    nothing here: the overflow check is fused into the kernel and costs no extra pass).
 
     One kernel launch; each program patches one ``block_m x block_n`` tile of W.  The packed
     streams and codebooks are copied to W's device as stored (a few hundred KiB); dequantized
@@ -721,15 +839,19 @@ def delta_add(
     fan_in_fan_out: bool,
     backend: str = "auto",
     name: str | None = None,
+    proven: bool = False,
 ) -> str:
     """Patch ``W`` in place with the backend :func:`select_backend` picks; returns the backend's
     name.  ``name`` (e.g. the module's or tensor's name) prefixes every error message.
 
     Raises :class:`ApplyError` when W + ΔW would not be finite in W's dtype; W may be partly
-    patched then (see the backends), so a caller that must not lose W keeps a copy."""
+    patched then (see the backends), so a caller that must not lose W keeps a copy, or proves
+    beforehand with :func:`finite_by_bound` that no sum can overflow and passes ``proven=True``
+    (the torch backend then skips its per-chunk checks)."""
     chosen = select_backend(W, backend)
     apply = delta_add_triton if chosen == "triton" else delta_add_torch
-    apply(W, A, B, scale=scale, omega=omega, gamma=gamma, sine=sine, fan_in_fan_out=fan_in_fan_out, name=name)
+    apply(W, A, B, scale=scale, omega=omega, gamma=gamma, sine=sine, fan_in_fan_out=fan_in_fan_out, name=name,
+          proven=proven)
     return chosen
 
 
@@ -761,6 +883,8 @@ def compile_for_gpu(
     block_n: int = _GPU_TILE["block_n"],
     num_warps: int = _GPU_TILE["num_warps"],
     aligned: bool = True,
+    a_pass_through: str = "fp16",
+    b_pass_through: str = "fp16",
 ):
     """Compile the kernel for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90, ...)
     without a GPU; returns triton's ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``,
@@ -770,7 +894,9 @@ def compile_for_gpu(
     16-byte aligned tensors: pointers, and with ``aligned`` also ``n_cols`` and ``stride_w_row``
     (as for LLaMA shapes), carry the divisible-by-16 hint.  (The JIT further turns an int
     argument equal to 1 -- rank 1, a one-row W -- into a constant; that only simplifies
-    arithmetic and is not enumerated here.)  Must run without ``TRITON_INTERPRET``.
+    arithmetic and is not enumerated here.)  ``a_pass_through``/``b_pass_through``: the element
+    type of a width-16 factor, ``"fp16"`` or ``"bf16"`` (a lossless bf16 adapter's factors; the
+    same kernel source, another pointer type).  Must run without ``TRITON_INTERPRET``.
     """
     if _interpreting():
         raise ApplyError("compile_for_gpu needs TRITON_INTERPRET unset (the interpreter does not compile)")
@@ -778,20 +904,22 @@ def compile_for_gpu(
         raise ApplyError(f"widths must be in {FACTOR_WIDTHS}, got {a_width}, {b_width}")
     if w_dtype not in W_DTYPES or block_r not in RANK_BLOCKS:
         raise ApplyError(f"unsupported w_dtype {w_dtype} or block_r {block_r}")
+    if a_pass_through not in ("fp16", "bf16") or b_pass_through not in ("fp16", "bf16"):
+        raise ApplyError(f"pass-through factors are fp16 or bf16, got {a_pass_through}, {b_pass_through}")
     kernel = _triton_kernel()
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
-    def stream(width: int) -> str:
-        return "*fp16" if width == 16 else "*u8"
+    def stream(width: int, pass_through: str) -> str:
+        return "*" + pass_through if width == 16 else "*u8"
 
     signature = {
         "w_ptr": "*" + _TRITON_DTYPE_NAMES[w_dtype],
         "n_rows": "i32",
         "n_cols": "i32",
         "stride_w_row": "i32",
-        "a_data_ptr": stream(a_width),
+        "a_data_ptr": stream(a_width, a_pass_through),
         "a_codebook_ptr": "*fp32",
-        "b_data_ptr": stream(b_width),
+        "b_data_ptr": stream(b_width, b_pass_through),
         "b_codebook_ptr": "*fp32",
         "rank": "i32",
         "omega": "fp32",

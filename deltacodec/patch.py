@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -197,11 +198,25 @@ def _model_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     return named
 
 
+def _kernel_shape(e: ModuleEntry) -> tuple[int, ...] | None:
+    """A conv module's weight shape (out, in, kh, ...) when the container records one (kohya
+    conv LoRA: A is r × in·kh·kw, ΔW is B@A reshaped to it); None for a linear module."""
+    ws = getattr(e, "weight_shape", None)
+    return tuple(int(n) for n in ws) if ws else None
+
+
 def _weight_problem(e: ModuleEntry, key: str, w: "torch.Tensor") -> str | None:
     """Why the tensor ``key`` cannot take module ``e``'s delta (None if it can)."""
-    if not w.dtype.is_floating_point or w.dim() != 2:
+    ws = _kernel_shape(e)
+    if ws is not None:
+        if not w.dtype.is_floating_point or tuple(w.shape) != ws:
+            return f"{e.name}: '{key}' is a {w.dtype} {list(w.shape)} tensor, the file needs a float weight of shape {list(ws)}"
+        if e.fan_in_fan_out or ws[0] != e.out_features or math.prod(ws[1:]) != e.in_features:
+            return (f"{e.name}: the file's kernel shape {list(ws)} does not match its factors "
+                    f"(out {e.out_features}, in·kernel {e.in_features}, fan_in_fan_out {e.fan_in_fan_out})")
+    elif not w.dtype.is_floating_point or w.dim() != 2:
         return f"{e.name}: '{key}' is a {w.dim()}-D {w.dtype} tensor, expected a 2-D float weight"
-    want = (e.in_features, e.out_features) if e.fan_in_fan_out else (e.out_features, e.in_features)
+    want = ws or ((e.in_features, e.out_features) if e.fan_in_fan_out else (e.out_features, e.in_features))
     if tuple(w.shape) != want:
         layout = "in×out (fan_in_fan_out)" if e.fan_in_fan_out else "out×in"
         return f"{e.name}: weight '{key}' is {list(w.shape)}, the file needs {list(want)} ({layout})"
@@ -320,20 +335,28 @@ def packed_factor(f: SldFile, entry: TensorEntry, device: "torch.device | str"):
     from .kernels import PackedFactor
 
     if entry.encoding == "codebook":
-        stream = np.frombuffer(f.read_section(entry), dtype=np.uint8)
-        f.indices(entry)  # validates padding and index range before a kernel reads the stream
-        codebook = entry.codebook
+        # One decode: the reader unpacks and validates the indices (index range, zero padding;
+        # rANS symbols for a version-2 tensor). Packing them again at the entry's width gives a
+        # version-1 section's stream bit for bit (the packing is a bijection once the padding is
+        # zero), without a second read, CRC and entropy pass of the section.
+        from .pack import pack_indices
+
+        indices, codebook = f.kernel_factor(entry)
+        stream = pack_indices(indices, entry.width)
         if not np.isfinite(codebook).all():  # float16 value × float32 scale can overflow
             raise ApplyError(f"{f.path}: tensor '{entry.name}': the codebook times its scale is not finite in float32")
-        data = torch.from_numpy(stream.copy()).to(device)
+        data = torch.from_numpy(stream).to(device)
         cb = torch.from_numpy(codebook.copy()).to(device)
         return PackedFactor(data, cb, entry.bits, entry.width, tuple(entry.shape))
     values = f.raw_array(entry)
-    if entry.dtype != "F16":
-        # The kernels take codebooks or float16 pass-through; this writer makes nothing else, and
-        # rounding another writer's F32/BF16 factors to float16 would silently change them.
-        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook and F16 factors")
-    return PackedFactor(torch.from_numpy(values.copy()).to(device), None, 16, 16, tuple(entry.shape))
+    if entry.dtype not in ("F16", "BF16"):
+        # The kernels take codebooks or 16-bit pass-through; rounding another writer's F32/F64
+        # factors to 16 bits would silently change them.
+        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook, F16 and BF16 factors")
+    data = torch.from_numpy(values.copy())
+    if entry.dtype == "BF16":  # the reader widened it to float32 exactly; narrowing back is exact too
+        data = data.to(torch.bfloat16)
+    return PackedFactor(data.to(device), None, 16, 16, tuple(entry.shape))
 
 
 def _replacement_value(f: SldFile, r: _Replacement) -> "torch.Tensor":
@@ -538,6 +561,83 @@ def _check_live(f: SldFile, jobs: list[tuple[str, str, "torch.Tensor"]], fingerp
 
 
 # --------------------------------------------------------------------------------------------
+# Writing without copies (keep_original=False)
+# --------------------------------------------------------------------------------------------
+
+
+def _write_plan(f: SldFile, targets: list[_Target], keep_original: bool) -> tuple[list[_Target], list[_Target]]:
+    """(targets written with a copy of the weight kept first, targets written without one).
+
+    With ``keep_original=True`` every weight is copied (the handle keeps the copies). Without,
+    a weight is written uncopied only when :func:`deltacodec.kernels.finite_by_bound` proves
+    every sum finite in its dtype (one reduction over W, no copy): what is left to fail then is
+    the machine, not the data. Weights near the top of their dtype's range, or holding inf/NaN,
+    are copied and patched first, with the sums checked as they are formed, so an overflow still
+    rolls back every weight and changes nothing."""
+    from . import kernels
+
+    if keep_original:
+        return list(targets), []
+    cloned, uncopied = [], []
+    for t in targets:
+        e = t.entry
+        try:
+            proven = kernels.finite_by_bound(
+                _as_matrix(t.weight, e), t.A, t.B, scale=e.scale, gamma=e.gamma if e.sine else 1.0, sine=e.sine,
+                fan_in_fan_out=e.fan_in_fan_out, name=f"module '{e.name}' (weight '{t.key}')",
+            )
+        except ApplyError as exc:
+            raise ApplyError(f"{f.path}: {exc}; no weight was changed") from None
+        (uncopied if proven else cloned).append(t)
+    return cloned, uncopied
+
+
+def _as_matrix(w: "torch.Tensor", e: ModuleEntry) -> "torch.Tensor":
+    """The 2-D weight the kernels patch: ``w`` itself for a linear module; for a conv module the
+    (out, in·kh·kw) view of its kernel (the layout B@A has), or a contiguous copy when the
+    kernel's memory layout has no such view (channels_last): then the caller copies it back."""
+    if _kernel_shape(e) is None:
+        return w
+    try:
+        return w.view(w.shape[0], -1)
+    except RuntimeError:
+        return w.contiguous().view(w.shape[0], -1)
+
+
+class _interrupts_deferred:
+    """Hold SIGINT (Ctrl-C) while weights are written without copies, and raise the
+    KeyboardInterrupt once they are all written: the adapter is then applied whole instead of in
+    part. Only the main thread receives signals, so elsewhere this does nothing."""
+
+    def __enter__(self) -> "_interrupts_deferred":
+        import signal
+        import threading
+
+        self.pending = False
+        self.installed = False
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.previous = signal.signal(signal.SIGINT, self._hold)
+                self.installed = True
+            except (ValueError, OSError, TypeError):  # no signal support here (embedded interpreters)
+                pass
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.installed:
+            # None: the previous handler was not installed from Python; the default one is
+            # what an interpreter without one of its own would have.
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        if self.pending and exc[0] is None:
+            raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------
 # The handle and apply()
 # --------------------------------------------------------------------------------------------
 
@@ -655,8 +755,13 @@ def apply(
 
     Memory: with ``keep_original=True`` (default) the handle keeps a copy of every patched weight,
     on its device, so ``remove()`` can restore it bit-exactly — for a LLaMA-3-8B q,k,v,up,down
-    adapter that is ~4.4 GB in bf16. ``keep_original=False`` drops the copies once the whole patch
-    has succeeded (they are still held while it runs, so a failure midway rolls back exactly).
+    adapter that is ~4.4 GB in bf16. ``keep_original=False`` copies nothing for weights whose
+    sums it proves finite beforehand (max |W| against a bound on |ΔW| from the factors: one read
+    of W, see :func:`deltacodec.kernels.finite_by_bound`), and writes those last; a weight the
+    proof does not cover (values near the top of its dtype's range, inf/NaN) is copied, patched
+    first with every sum checked, and the copy dropped once the whole patch has succeeded. So an
+    overflow anywhere still rolls back exactly and changes nothing, and a Ctrl-C during the
+    uncopied writes is raised once they are all done.
     """
     from .pipeline_apply import route  # diffusers pipelines, component-prefixed and kohya-ss files
 
@@ -724,8 +829,10 @@ def apply(
         )
 
     backends: dict[str, str] = {}
-    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its copy before the write)
+    written: list[torch.Tensor] = []  # every tensor written, copied or not
     done: list[str] = []
+    cloned, uncopied = _write_plan(f, targets, keep_original)
 
     def rollback() -> None:
         for w, orig in reversed(originals):
@@ -733,46 +840,67 @@ def apply(
         for w, _ in originals:
             _touched(w)
 
+    def patch(t: _Target, proven: bool) -> None:
+        e = t.entry
+        w = _as_matrix(t.weight, e)
+        backends[e.name] = kernels.delta_add(
+            w, t.A, t.B,
+            scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,
+            sine=e.sine, fan_in_fan_out=e.fan_in_fan_out, backend=backend,
+            name=f"module '{e.name}' (weight '{t.key}')", proven=proven,
+        )
+        if w.data_ptr() != t.weight.data_ptr():  # a conv kernel patched through a contiguous copy
+            t.weight.copy_(w.view(t.weight.shape))
+        written.append(t.weight)
+        done.append(e.name)
+
+    def failed(what: str, exc: BaseException) -> ApplyError:
+        rollback()
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise exc
+        return ApplyError(f"{f.path}: {what}; rolled back {len(done)} patched tensor(s): the model is unchanged")
+
     with torch.no_grad():
-        for t in targets:
+        # First everything that can still fail, each weight copied first: the modules whose sums
+        # were not proven finite, then the stored tensors.
+        for t in cloned:
             try:
                 originals.append((t.weight, t.weight.detach().clone()))
-                e = t.entry
-                backends[e.name] = kernels.delta_add(
-                    t.weight, t.A, t.B,
-                    scale=e.scale, omega=e.omega if e.sine else 0.0, gamma=e.gamma if e.sine else 1.0,
-                    sine=e.sine, fan_in_fan_out=e.fan_in_fan_out, backend=backend,
-                    name=f"module '{e.name}' (weight '{t.key}')",
-                )
-                done.append(e.name)
+                patch(t, proven=False)
             except BaseException as exc:
-                rollback()
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
                 what = str(exc) if isinstance(exc, ApplyError) else f"applying '{t.entry.name}' failed ({type(exc).__name__}: {exc})"
-                raise ApplyError(
-                    f"{f.path}: {what}; rolled back {len(done)} patched tensor(s): the model is unchanged"
-                ) from exc
+                raise failed(what, exc) from exc
         for r in replacements:
             try:
                 originals.append((r.tensor, r.tensor.detach().clone()))
                 r.tensor.copy_(r.value)
+                written.append(r.tensor)
                 done.append(r.entry.name)
             except BaseException as exc:
-                rollback()
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise ApplyError(
-                    f"{f.path}: replacing '{r.name}' failed ({type(exc).__name__}: {exc}); rolled back "
-                    f"{len(done)} patched tensor(s): the model is unchanged"
-                ) from exc
+                raise failed(f"replacing '{r.name}' failed ({type(exc).__name__}: {exc})", exc) from exc
+        # Then (keep_original=False) the modules proven finite, written without a copy: nothing
+        # in them can fail but the machine itself, and a Ctrl-C is held until they are all done.
+        with _interrupts_deferred():
+            for t in uncopied:
+                try:
+                    patch(t, proven=True)
+                except BaseException as exc:
+                    n_kept = sum(1 for w in written if all(w is not o for o, _ in originals))
+                    rollback()
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # off the main thread only
+                        raise
+                    raise ApplyError(
+                        f"{f.path}: applying '{t.entry.name}' failed ({type(exc).__name__}: {exc}); "
+                        f"{n_kept} weight(s) patched without a copy (keep_original=False) keep their "
+                        f"delta, the {len(originals)} copied one(s) were restored"
+                    ) from exc
 
     n = next(_counter)
     label = f"handle #{n} ({f.path})"
     handle = AppliedAdapter(done, missing, unexpected, backends, source=f.path, label=label)
     record = _Record(label, fingerprint, removable=keep_original)
     handle._record = record
-    for w, _ in originals:
+    for w in written:
         _touched(w, push=record)
     if keep_original:
         handle._originals = originals

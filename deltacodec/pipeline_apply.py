@@ -22,9 +22,9 @@ Name resolution follows diffusers' and kohya's loaders: a text encoder without t
 ``text_model`` level (transformers >= 5 flattens ``CLIPTextModel``) takes names with it;
 kohya's ``lora_unet_`` is the pipeline's ``unet``, or its ``transformer`` when it has no UNet
 (kohya's Flux files); a kohya stem is matched against the component's module names with dots
-replaced by underscores, and a stem two module names would give is refused, naming both.
-Kohya files from trainers that use other module names than diffusers' (sd-scripts' SDXL UNet
-in its original ``input_blocks`` naming) resolve to nothing and are reported missing.
+replaced by underscores, and a stem two module names would give is refused, naming both. A
+UNet's modules also answer to their names in the original Stable Diffusion UNet
+(``input_blocks_4_1_...``, how sd-scripts names SDXL LoRAs: :mod:`.layouts.sgm_names`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .errors import ApplyError, SldLimitError, preview
 from .format import SldFile
 from .layouts import diffusers as dl
 from .layouts import kohya as kl
+from .layouts.sgm_names import sgm_name, unet_structure
 
 __all__ = ["route", "apply_component", "is_pipeline", "file_components"]
 
@@ -136,6 +137,13 @@ class _Component:
             for n in self.modules:
                 if n:
                     self._underscored.setdefault(n.replace(".", "_"), []).append(n)
+            structure = unet_structure(self.module) if self.name == "unet" else None
+            if structure is not None:
+                # sd-scripts' SDXL stems use the original UNet's names (input_blocks_4_1_...)
+                for n in list(self.modules):
+                    sgm = sgm_name(n, *structure) if n else None
+                    if sgm is not None:
+                        self._underscored.setdefault(sgm.replace(".", "_"), []).append(n)
         cands = [rest]
         if rest.startswith("text_model_") and self._flat_text_model():
             cands.append(rest[len("text_model_"):])

@@ -3,7 +3,7 @@
 One *stream* codes a sequence of *segments* (one per tensor), each with its own
 :class:`~deltacodec.freqtable.FreqTable`; the coder state runs on across segments, so a stream's
 fixed cost (``4·lanes`` bytes of final state) is paid once, not per tensor. The stream layout
-and the decoding procedure are specified in docs/v2-coder-draft.md; in short:
+and the decoding procedure are specified in spec/sld-format.md part 2 (§13); in short:
 
 * state ``x`` of each lane in ``[2^16, 2^32)``; symbol ``g`` of the stream (counted over all
   segments) uses lane ``g mod N``;
@@ -230,6 +230,32 @@ def decode(data: bytes, segments: Sequence[tuple[int, FreqTable]], lanes: int = 
         res.append(out[pos : pos + n].astype(np.int32) + t.imin)
         pos += n
     return res
+
+
+def decode_symbols(data: bytes, segments: Sequence[tuple[int, FreqTable]], lanes: int = LANES) -> np.ndarray:
+    """Decode a stream into the symbols (index - imin of each segment's table), concatenated
+    over the segments, as one uint16 array (what a container decodes a tensor to)."""
+    _check_lanes(lanes)
+    _check_segments(segments)
+    lib = _native.library()
+    if lib is None:
+        _fallback_warning()
+        parts = decode_reference(data, segments, lanes)
+        return np.concatenate([p - t.imin for p, (_, t) in zip(parts, segments)] or
+                              [np.zeros(0, np.int32)]).astype(np.uint16)
+    tables = [t for _, t in segments]
+    ent, offs = _slot_entries(tables, None)
+    seg_n = np.array([n for n, _ in segments], dtype=np.int64)
+    seg_p = np.array([t.precision for t in tables], dtype=np.int32)
+    total = int(seg_n.sum())
+    out = np.empty(max(total, 1), dtype=np.uint16)
+    buf = _as_buffer(data)
+    p = lambda a: a.ctypes.data_as(_native._P)  # noqa: E731
+    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent),
+                             lanes, p(out), None)
+    if rc < 0:
+        raise RansError(_ERRORS.get(int(rc), f"decoder error {rc}"))
+    return out[:total]
 
 
 def decode_values(

@@ -50,6 +50,7 @@ _GRID_FINE = 2.0 ** (np.arange(-48, -24) / 4.0)  # extrapolated (high-rate law)
 _CURVE_SAMPLE = 16384
 _ECSQ_PARAM_BITS = 16 + 8 + 3  # step, θ1, θ2 - θ1 (typical)
 _KMEANS_BITS = (1, 2, 3)  # k-means settings `auto` weighs against ECSQ
+MAX_LEVELS = 256  # quantizer levels per tensor: the apply kernels' 8-bit index fields
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class CodedTensor:
     codebook_scale: float = 0.0
 
     def write_side_info(self, bw: BitWriter) -> None:
-        """Method bit, table, then the method's parameters (docs/v2-coder-draft.md)."""
+        """Method bit, table, then the method's parameters (spec/sld-format.md part 2 (§13))."""
         bw.bits(1 if self.method == "kmeans" else 0, 1)
         self.table.write(bw)
         if self.method == "ecsq":
@@ -133,6 +134,9 @@ class Plan:
     rounds: int
     side_bytes: int = 0
     history: list[tuple[float, float]] = field(default_factory=list)  # (λ, bytes) per round
+    # per_tensor=True: one stream per tensor (what container version 2 stores); ``stream`` is
+    # then their concatenation (for sizes), not a decodable stream
+    streams: list[bytes] | None = None
 
     @property
     def params(self) -> int:
@@ -362,7 +366,7 @@ def _bisect(model: _Model, kind: str, value: float, params: int, fixed_bits: flo
 # Applying a λ to the full tensors
 
 
-def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTensor:
+def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int, max_levels: int | None = None) -> CodedTensor:
     """Quantize and table-code one tensor at grid point ``j`` of its curve."""
     flat = np.asarray(x, dtype=np.float32).reshape(-1)
     shape = tuple(np.asarray(x).shape)
@@ -387,38 +391,77 @@ def _quantize_tensor(name: str, x: np.ndarray, curve: _Curve, j: int) -> CodedTe
     # the multiplier the curve was estimated with, so that the tensor lands on the chosen point
     # (λ/w would be the textbook choice but moves the rate away from the estimate at low rates)
     # the curve's sample places the cells (B after the refit is close to the B it was drawn from)
-    q = ecsq.quantize(flat, step, ecsq.HIGH_RATE_MU * step * step, sample=curve.sample)
-    lo, hi = int(q.indices.min()), int(q.indices.max())
+    mu = ecsq.HIGH_RATE_MU * step * step
+    span = float(np.float64(flat.max()) - np.float64(flat.min()))
+    if max_levels is not None and span / step > max_levels - 3:
+        # a cap on the levels (the apply kernels' 8-bit index fields) binds: either widen the step
+        # until nearest rounding fits, or keep the step and clip the tails into a window of
+        # max_levels - 5 steps around 0; keep whichever has the lower J = SSE + μ·bits
+        options = [_capped(flat, max(step, span / (max_levels - 3)), curve.sample, max_levels)]
+        half = (max_levels - 5) // 2 * step
+        clipped = _capped(np.clip(flat, -half, half), step, None, max_levels)
+        if clipped is not None:
+            options.append(clipped)
+        q, lo, hi = min((o for o in options if o is not None), key=lambda o: _lagrangian(flat, o, mu))
+    else:
+        q = ecsq.quantize(flat, step, mu, sample=curve.sample)
+        lo, hi = int(q.indices.min()), int(q.indices.max())
     c = np.bincount(q.indices - lo, minlength=hi - lo + 1)
     table = best_table(c, lo)
     return CodedTensor(name, shape, "ecsq", q.indices, table, q.values(), q.step_bits, q.theta1, q.theta2)
 
 
+def _capped(x: np.ndarray, step: float, sample, max_levels: int):
+    """ECSQ of ``x`` at ``step`` (widened until at most ``max_levels`` levels): (q, lo, hi)."""
+    for _ in range(8):
+        q = ecsq.quantize(x, step, ecsq.HIGH_RATE_MU * step * step, sample=sample)
+        lo, hi = int(q.indices.min()), int(q.indices.max())
+        if hi - lo + 1 <= max_levels:
+            return q, lo, hi
+        step *= (hi - lo + 1) / (max_levels - 1) * 1.02
+    return None
+
+
+def _lagrangian(x: np.ndarray, option, mu: float) -> float:
+    """SSE against ``x`` plus μ times the indices' ideal code length (bits, zeroth order)."""
+    q, lo, hi = option
+    c = np.bincount(q.indices - lo, minlength=hi - lo + 1).astype(np.float64)
+    p = c[c > 0] / x.size
+    bits = float(-(c[c > 0] * np.log2(p)).sum())
+    err = q.values().astype(np.float64) - x.astype(np.float64)
+    return float(err @ err) + mu * bits
+
+
 def _apply(modules: Sequence, curves: list[_Curve], weights: np.ndarray, choice: np.ndarray,
-           refit: bool, lanes: int) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int]:
+           refit: bool, lanes: int, max_levels: int | None = None, per_tensor: bool = False,
+           errors: bool = True) -> tuple[list[CodedTensor], bytes, list[ModuleReport], int, list[bytes] | None]:
     tensors: list[CodedTensor] = []
     reports: list[ModuleReport] = []
     side = 0
     for mi, m in enumerate(modules):
         wa = weights[2 * mi]
-        ta = _quantize_tensor(f"{m.name}.lora_A.weight", m.A, curves[2 * mi], int(choice[2 * mi]))
+        ta = _quantize_tensor(f"{m.name}.lora_A.weight", m.A, curves[2 * mi], int(choice[2 * mi]), max_levels)
         a_hat = ta.values.reshape(m.A.shape)
         b_target = refit_b(m.A, m.B, a_hat) if refit else np.asarray(m.B, dtype=np.float32)
         # w_B with Â in place of A: same denominator, numerator ‖Â‖² instead of ‖A‖²
         na2 = float(np.sum(np.square(m.A, dtype=np.float64)))
         wb_hat = weights[2 * mi + 1] * (float(np.sum(np.square(a_hat, dtype=np.float64))) / na2 if na2 > 0 else 1.0)
         # B keeps the grid point chosen on the unrefitted B: the refit moves B by O(r/in)
-        tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]))
+        tb = _quantize_tensor(f"{m.name}.lora_B.weight", b_target, curves[2 * mi + 1], int(choice[2 * mi + 1]),
+                              max_levels)
         b_hat = tb.values.reshape(m.B.shape)
-        err = relative_error(m.A, m.B, a_hat, b_hat, sine=m.sine, omega=m.omega)
         est = math.sqrt(max(wa * float(np.sum((a_hat - m.A) ** 2)) + wb_hat * float(np.sum((b_hat - b_target) ** 2)), 0.0))
+        err = relative_error(m.A, m.B, a_hat, b_hat, sine=m.sine, omega=m.omega) if errors else est
         sb = ta.side_bits() + tb.side_bits()
         side += (ta.side_bits() + 7) // 8 + (tb.side_bits() + 7) // 8
         reports.append(ModuleReport(m.name, m.A.size + m.B.size, ta.index_bits() + tb.index_bits() + sb,
                                     err, est, (ta.method, tb.method)))
         tensors += [ta, tb]
+    if per_tensor:
+        streams = [rans.encode([(t.indices, t.table)], lanes=lanes) for t in tensors]
+        return tensors, b"".join(streams), reports, side, streams
     stream = rans.encode([(t.indices, t.table) for t in tensors], lanes=lanes)
-    return tensors, stream, reports, side
+    return tensors, stream, reports, side, None
 
 
 def encode_modules(
@@ -432,6 +475,9 @@ def encode_modules(
     max_rounds: int = 4,
     lanes: int = rans.LANES,
     allocation: str = "sum",
+    max_levels: int | None = None,
+    per_tensor: bool = False,
+    errors: bool = True,
 ) -> Plan:
     """Quantize and code the A/B factors of ``modules`` (objects with ``name, A (r×in), B
     (out×r), sine, omega``, e.g. :class:`deltacodec.adapter.AdapterModule`) for ``target``.
@@ -443,7 +489,12 @@ def encode_modules(
     the largest module error (every module takes its cheapest setting under a common error
     bound ε, ε bisected to the target; what k-means at fixed bits does implicitly, and what task
     accuracy tracked at 1-2 bits/param on the RD testbed). ``max_error`` targets always use the
-    minimax choice: it is the smallest file meeting the bound.
+    minimax choice: it is the smallest file meeting the bound. ``max_levels``: cap on the
+    quantizer levels of an ECSQ tensor (the container passes :data:`MAX_LEVELS`, 256, so indices
+    fit the apply kernels' 8-bit fields); a capped tensor gets a coarser step than its curve point.
+    ``per_tensor``: code each tensor in a stream of its own (``Plan.streams``; container version
+    2). ``errors=False``: skip measuring each module's ΔW error (``rel_error`` is then the
+    estimate; ``max_error`` targets always measure).
     """
     if allocation not in ("sum", "minimax"):
         raise ValueError(f"allocation must be 'sum' or 'minimax', got {allocation!r}")
@@ -482,8 +533,9 @@ def encode_modules(
         if kind in ("size", "bits_per_param", "bits"):
             budget = _budget_bits(kind, goal, params, fixed_bits)
             choice = _fill(model, choice, budget)
-        tensors, stream, reports, side = _apply(mods, curves, weights, choice, refit, lanes)
-        plan = Plan(tensors, stream, reports, lam, overhead_bytes, rounds, side, history)
+        tensors, stream, reports, side, streams = _apply(mods, curves, weights, choice, refit, lanes, max_levels,
+                                                         per_tensor, errors or kind == "max_error")
+        plan = Plan(tensors, stream, reports, lam, overhead_bytes, rounds, side, history, streams)
         history.append((lam, float(plan.total_bytes)))
         if kind == "lambda" or rounds >= max_rounds:
             return plan

@@ -31,7 +31,7 @@ from cli_helpers import (
     write_sld,
 )
 from deltacodec import cli_progress
-from deltacodec.cli import run
+from deltacodec.cli import main, run
 from deltacodec.errors import DeltacodecWarning, SldChecksumError, SldError
 from test_codec import make_adapter
 
@@ -383,3 +383,16 @@ def test_entry_point_sigint_exits_130_with_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 130 and res.stderr == "sld: interrupted\n" and res.stdout == ""
+
+
+@pytest.mark.parametrize("args,usage", [
+    (["decode", "F.sld", "--bogus"], "usage: sld decode "),
+    (["stats", "--bogus", "F.sld"], "usage: sld stats "),
+    (["batch", "encode", "a", "b", "--bogus"], "usage: sld batch encode "),
+    (["inspect", "F.sld", "extra.sld"], "usage: sld inspect "),
+])
+def test_unrecognized_arguments_show_the_usage_of_the_verb_typed(capsys, args, usage):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(usage), err
+    assert err.splitlines()[-1].endswith("error: unrecognized arguments: " + " ".join(a for a in args if a in ("--bogus", "extra.sld")))

@@ -276,7 +276,7 @@ def test_inspect_text_escapes_names_and_metadata(tmp_path):
     lines = out.splitlines()
     assert all(line.isprintable() for line in lines)
     assert not any(line.startswith("sld:") for line in lines)
-    assert len(lines) == 7 + 3 * len(TRICKY)  # header lines + one row per tensor + total + note
+    assert len(lines) == 8 + 3 * len(TRICKY)  # header lines (layout included) + one row per tensor + total + note
     assert "  method      lora\\x1b[31m    encoder x\\ny" in lines
     assert '  base model  {"$bytes_hex": "1b5b324a"}' in lines
     for name in TRICKY:

@@ -270,6 +270,46 @@ def test_kohya_file_applied_to_the_pipeline_matches_diffusers_loading_it(sd_kohy
     assert_outputs_close(denoise_step(pipe), denoise_step(ref))
 
 
+# sd-scripts names SDXL UNet modules as the original UNet does; for this 2-block, 1-layer UNet the
+# correspondence, written out by hand from the original UNet's block order (input_blocks.0 is
+# conv_in, then one per layer and one per downsampler; output_blocks: layers + 1 per up block):
+SGM_OF_TINY = {
+    "lora_unet_down_blocks_0_attentions_0_": "lora_unet_input_blocks_1_1_",
+    "lora_unet_mid_block_attentions_0_": "lora_unet_middle_block_1_",
+    "lora_unet_up_blocks_1_attentions_0_": "lora_unet_output_blocks_2_1_",
+    "lora_unet_up_blocks_1_attentions_1_": "lora_unet_output_blocks_3_1_",
+}
+
+
+def test_kohya_file_in_original_unet_names_applies_like_the_diffusers_named_one(sd_kohya, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    k, sld = sd_kohya
+    renamed = {}
+    for key, v in load_file(k).items():
+        for old, new in SGM_OF_TINY.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        else:
+            assert not key.startswith("lora_unet_"), key
+        renamed[key] = v
+    sgm_path = str(tmp_path / "tiny_sgm.safetensors")
+    save_file(renamed, sgm_path, metadata={"ss_network_module": "networks.lora"})
+    sgm = deltacodec.encode(sgm_path, bits=16, out=str(tmp_path / "sgm.sld"))
+    ref = dt.sd_pipeline()
+    deltacodec.apply(ref, sld)
+    pipe = dt.sd_pipeline()
+    h = deltacodec.apply(pipe, sgm)
+    assert len(h.patched) == len(deltacodec.load(sgm).modules) == len(deltacodec.load(sld).modules)
+    for comp in ("unet", "text_encoder"):
+        got, want = state(getattr(pipe, comp)), state(getattr(ref, comp))
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    h.remove()
+    fresh = dt.sd_pipeline()
+    assert all(torch.equal(v, state(fresh.unet)[n]) for n, v in state(pipe.unet).items())
+
+
 def test_decoded_kohya_file_loads_in_diffusers_like_the_original(sd_kohya, tmp_path):
     k, sld = sd_kohya
     (path,) = deltacodec.decode(sld, str(tmp_path / "dec"), dtype="fp16")
@@ -324,3 +364,41 @@ def test_sd3_lora_applies_like_diffusers_fuse_and_decodes_to_a_loadable_file(sd3
     h2.remove()
     deltacodec.decode(sld, str(tmp_path / "dec"))
     load_quietly(dt.sd3_pipeline(), str(tmp_path / "dec"))
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_kohya_conv_lora_applies_to_the_unet_as_its_kernel_reshaped(tmp_path, bits):
+    # kohya's conv LoRA: down r×in×kh×kw, up out×r×1×1, ΔW[o,i,y,x] = alpha/r·Σ_k up[o,k]·down[k,i,y,x]
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    mods = {"lora_unet_down_blocks_0_resnets_0_conv1": ("down_blocks.0.resnets.0.conv1", 4, 4, (3, 3)),
+            "lora_unet_up_blocks_1_resnets_0_conv_shortcut": ("up_blocks.1.resnets.0.conv_shortcut", 4, 12, (1, 1)),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, 4, None)}
+    t, r, alpha = {}, 2, 3.0
+    for stem, (_, out, inp, k) in mods.items():
+        t[f"{stem}.lora_down.weight"] = (rng.standard_normal((r, inp, *k) if k else (r, inp)) * 0.3).astype(np.float16)
+        t[f"{stem}.lora_up.weight"] = (rng.standard_normal((out, r, 1, 1) if k else (out, r)) * 0.1).astype(np.float16)
+        t[f"{stem}.alpha"] = np.array(alpha, np.float16)
+    src = str(tmp_path / "conv.safetensors")
+    save_file(t, src, metadata={"ss_network_module": "networks.lora"})
+    sld = deltacodec.encode(src, bits=bits, out=str(tmp_path / "conv.sld"))
+    f = deltacodec.load(sld)
+    pipe, ref = dt.sd_pipeline(), dt.sd_pipeline()
+    before = state(pipe.unet)
+    h = deltacodec.apply(pipe, sld)
+    assert len(h.patched) == 3
+    for stem, (name, out, inp, k) in mods.items():
+        A, B = (x.astype(np.float64) for x in f.dequantize(stem))  # what the file holds (exact at 16 bits)
+        if bits == 16:
+            assert np.array_equal(A, t[f"{stem}.lora_down.weight"].astype(np.float64).reshape(r, -1))
+        delta = (alpha / r) * np.einsum("ok,kj->oj", B, A)
+        W0 = before[name + ".weight"].double().numpy()
+        want = W0 + delta.reshape(W0.shape)
+        got = state(pipe.unet)[name + ".weight"].double().numpy()
+        # W + ΔW formed in float32 and rounded once: a few float32 ulps of the larger of |W|, |ΔW|
+        tol = 4 * np.finfo(np.float32).eps * (np.abs(W0) + np.abs(delta.reshape(W0.shape)))
+        assert (np.abs(got - want) <= tol + 1e-30).all(), name
+    h.remove()
+    assert all(torch.equal(v, state(ref.unet)[n]) for n, v in state(pipe.unet).items())

@@ -20,7 +20,7 @@ DISTS = {
 
 
 def reference_values(idx: np.ndarray, step_bits: int, t1: int, t2: int) -> np.ndarray:
-    """value(i) as docs/v2-coder-draft.md states it, one value at a time in numpy float32."""
+    """value(i) as spec/sld-format.md part 2 (§13) states it, one value at a time in numpy float32."""
     step = np.uint32(step_bits << 16).view(np.float32)
     out = []
     for i in idx.tolist():

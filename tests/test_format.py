@@ -138,10 +138,12 @@ def test_reader_rejects_truncated_preamble(tmp_path):
 
 def test_reader_rejects_future_version(tmp_path):
     data, _ = simple_file()
-    bad = data[:8] + struct.pack("<I", 2) + data[12:]
+    # version 3 is the future since container version 2 exists (tests/test_v2_container.py checks
+    # that a version-1-only reader refuses version 2 the same way)
+    bad = data[:8] + struct.pack("<I", 3) + data[12:]
     exc = rejects(tmp_path, bad, SldVersionError)
-    assert exc.found == 2 and exc.supported == (1,)
-    assert "version 2" in str(exc) and "supports 1" in str(exc) and "newer" in str(exc)
+    assert exc.found == 3 and exc.supported == (1, 2)
+    assert "version 3" in str(exc) and "supports 1, 2" in str(exc) and "newer" in str(exc)
     rejects(tmp_path, data[:8] + struct.pack("<I", 0) + data[12:], SldVersionError)
     # The version is read as soon as 12 bytes exist: a future file with a shorter preamble
     # gets the version error, not "truncated".

@@ -30,7 +30,7 @@ def test_exp2_table_is_correctly_rounded_and_has_no_near_ties():
 
 
 def plain_param_freqs(imin: int, k: int, p: int, a: int, b: int) -> list[int]:
-    """The param rule, read off docs/v2-coder-draft.md and written with Python integers only."""
+    """The param rule, read off spec/sld-format.md part 2 (§13) and written with Python integers only."""
     table = [int(v) for v in ft.EXP2_TABLE]
     es = [a * abs(i) + b * i * i for i in range(imin, imin + k)]
     emin = min(es)

@@ -36,6 +36,7 @@ from deltacodec.kernels import (  # noqa: E402
     delta_add_triton,
     delta_coefficient,
     dequantize_torch,
+    finite_by_bound,
     launch_specialisations,
     rank_block,
     select_backend,
@@ -279,8 +280,12 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=_case_id)
-@pytest.mark.parametrize("chunk_elements", [None, 3000], ids=["default-chunks", "small-chunks"])
-def test_delta_add_torch_matches_float64_reference(case, chunk_elements):
+@pytest.mark.parametrize(
+    "chunk_elements, proven",
+    [(None, False), (3000, False), (None, True), (3000, True)],
+    ids=["default-chunks", "small-chunks", "proven", "proven-small-chunks"],
+)
+def test_delta_add_torch_matches_float64_reference(case, chunk_elements, proven):
     out_f, in_f, rank, a_spec, b_spec, dtype, fifo, sine, omega = case
     W, A, B, a, b, params = make_problem(
         11, out_f=out_f, in_f=in_f, rank=rank, a_spec=a_spec, b_spec=b_spec,
@@ -288,7 +293,10 @@ def test_delta_add_torch_matches_float64_reference(case, chunk_elements):
     )
     expected, E, D = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=fifo, dtype=dtype)
     W0 = W.clone()
-    delta_add_torch(W, A, B, fan_in_fan_out=fifo, chunk_elements=chunk_elements, **params)
+    if proven:  # ordinary weights: the bound proves every sum finite, so the fast path is taken
+        pp = {k: v for k, v in params.items() if k != "omega"}
+        assert finite_by_bound(W, A, B, fan_in_fan_out=fifo, **pp)
+    delta_add_torch(W, A, B, fan_in_fan_out=fifo, chunk_elements=chunk_elements, proven=proven, **params)
     assert W.dtype == dtype and W.shape == W0.shape
     assert_within(as_f64(W), expected, E, "torch backend vs float64")
     # The bound is tight enough to catch a wrong element, and the delta actually moved W.
@@ -451,6 +459,127 @@ def test_torch_backend_chunks_near_the_top_of_the_range_are_checked_exactly_and_
     # One reduction per chunk over W's rows; a second, over the sums, in the two exact chunks.
     assert len(calls) == 4 + 2
     assert_within(as_f64(W), expected, E, "exact and proven chunks vs float64")
+
+
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_finite_by_bound_proves_ordinary_weights_and_nothing_near_the_top_of_the_range(dtype):
+    plain = dict(scale=1.0, gamma=1.0, sine=False, fan_in_fan_out=False)
+    top = float(torch.finfo(dtype).max)
+    # |ΔW| <= |c| * max_i sum_k |B_ik| * max |A| = 3; the proof keeps 2% of the range as its
+    # margin: W at 90% of the largest value is proven, at 99% it is not (though W + ΔW is finite).
+    B = _column([3.0, -1.0])
+    for w, proven in [(1.0, True), (0.9 * top, True), (0.99 * top, False), (-0.99 * top, False),
+                      (math.inf, False), (math.nan, False)]:
+        W = torch.tensor([[1.0, 1.0], [1.0, w]]).to(dtype)
+        assert finite_by_bound(W, ONES_1x2, B, **plain) is proven, w
+    # Sine: |ΔW| <= |c| = |scale / gamma| whatever the factors; a huge c proves nothing.
+    sine = dict(plain, sine=True)
+    W = torch.ones(2, 2, dtype=dtype)
+    assert finite_by_bound(W, ONES_1x2, _column([6e4, 6e4]), **sine)
+    assert not finite_by_bound(W, ONES_1x2, B, **{**sine, "scale": 0.99 * top})
+    # A non-finite bound (a codebook entry of inf, element 0 of A) proves nothing.
+    cb = torch.tensor([math.inf, 1.0])
+    A_inf = PackedFactor(torch.tensor([2], dtype=torch.uint8), cb, 1, 1, (1, 2))  # indices 0, 1
+    assert not finite_by_bound(W, A_inf, B, **plain)
+
+
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("proven", [True, False], ids=["proven", "checked"])
+def test_power_of_two_scales_take_addmm_and_other_scales_a_buffer_both_within_the_bound(dtype, proven, monkeypatch):
+    # addmm_(alpha=c) is the documented d = fl(c*x), W + d only when c*x is exact; rank 1 makes
+    # the bound tight (S = |X|), so a rounded c*b folded into the product would show.
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(k.get("alpha")) or real(self, *a, **k))
+    for scale, fused in [(1.0, True), (2.0, True), (0.5, True), (-4.0, True), (0.7, False), (1.5, False)]:
+        for rank in (1, 16):
+            W, A, B, a, b, params = make_problem(
+                7, out_f=64, in_f=80, rank=rank, a_spec=(8, 8), b_spec=(16, 16),
+                dtype=dtype, fan_in_fan_out=False, sine=False, omega=1.0,
+            )
+            params["scale"] = scale
+            expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=False, dtype=dtype)
+            calls.clear()
+            delta_add_torch(W, A, B, fan_in_fan_out=False, chunk_elements=1000, proven=proven, **params)
+            assert_within(as_f64(W), expected, E, f"scale {scale}, rank {rank}")
+            assert bool(calls) == fused and all(c == scale for c in calls), (scale, calls)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 1), (300, 257, 16), (257, 300, 64), (1024, 96, 8)],
+                         ids=lambda s: f"{s[0]}x{s[1]}-r{s[2]}")
+def test_the_blas_forms_the_rank_sum_before_it_updates_w(shape):
+    """What the one-addmm_ path relies on: for a power-of-two c, W.addmm_(b, a, alpha=c) equals
+    x = b @ a, then W + c·x, bit for bit (the sum over the rank is formed before W is updated,
+    and c·x is exact). If a BLAS ever breaks this, this test says so."""
+    out_f, in_f, rank = shape
+    g = torch.Generator().manual_seed(rank)
+    for c in (1.0, 2.0, 0.25):
+        W = torch.randn(out_f, in_f, generator=g)
+        b, a = torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g)
+        fused = W.clone().addmm_(b, a, alpha=c)
+        stepwise = W.clone().add_(torch.matmul(b, a) * c)
+        assert torch.equal(fused, stepwise), c
+        assert torch.equal(W.t().clone().addmm_(a.t(), b.t(), alpha=c), stepwise.t()), c  # fan_in_fan_out
+
+
+@pytest.mark.parametrize("out_f, in_f, rank", [(8, 200, 2), (200, 8, 2), (100, 100, 100)])
+def test_small_sides_and_large_ranks_take_the_buffered_sum(out_f, in_f, rank, monkeypatch):
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    W, A, B, a, b, params = make_problem(
+        3, out_f=out_f, in_f=in_f, rank=rank, a_spec=(8, 8), b_spec=(16, 16),
+        dtype=torch.float32, fan_in_fan_out=False, sine=False, omega=1.0,
+    )
+    params["scale"] = 2.0
+    expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=False, dtype=torch.float32)
+    delta_add_torch(W, A, B, fan_in_fan_out=False, proven=True, **params)
+    assert calls == []
+    assert_within(as_f64(W), expected, E, "buffered sum")
+
+
+def test_proven_fast_path_takes_no_reduction_over_w(monkeypatch):
+    calls = []
+    real = kernels_module._largest_magnitude
+    monkeypatch.setattr(kernels_module, "_largest_magnitude", lambda x: calls.append(x.shape) or real(x))
+    for dtype, sine in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]:
+        W, A, B, a, b, params = make_problem(
+            5, out_f=40, in_f=24, rank=4, a_spec=(3, 3), b_spec=(4, 4),
+            dtype=dtype, fan_in_fan_out=True, sine=sine, omega=50.0,
+        )
+        expected, E, _ = expected_and_bound(W, a, b, params=params, rank=4, fan_in_fan_out=True, dtype=dtype)
+        delta_add_torch(W, A, B, fan_in_fan_out=True, chunk_elements=240, proven=True, **params)
+        assert_within(as_f64(W), expected, E, f"proven {dtype} sine={sine}")
+    assert calls == []
+
+
+def bf16_factor(rng: np.random.Generator, shape, spread: float):
+    """A bfloat16 pass-through PackedFactor and its exact values as float64."""
+    values = torch.from_numpy((rng.standard_normal(shape) * spread).astype(np.float32)).to(torch.bfloat16)
+    return PackedFactor(values, None, 16, 16, tuple(shape)), values.to(torch.float64).numpy()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_bf16_pass_through_factors_match_the_float64_reference(backend, dtype):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    rng = np.random.default_rng(41)
+    out_f, in_f, rank = 37, 70, 5
+    for sine, omega, fifo in [(True, 300.0, False), (False, 1.0, True)]:
+        typical = 3.0 / omega if sine else 1.0
+        spread = math.sqrt(typical / math.sqrt(rank))
+        A, a = bf16_factor(rng, (rank, in_f), spread)
+        B, b = make_factor(rng, (out_f, rank), 3, 3, spread=spread) if sine else bf16_factor(rng, (out_f, rank), spread)
+        assert np.array_equal(dequantize_torch(A).numpy().astype(np.float64), a)  # exact widening
+        params = dict(scale=1.25, omega=omega, gamma=0.8, sine=sine)
+        shape = (in_f, out_f) if fifo else (out_f, in_f)
+        W = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+        expected, E, _ = expected_and_bound(W, a, b, params=params, rank=rank, fan_in_fan_out=fifo, dtype=dtype)
+        W0 = W.clone()
+        delta_add(W, A, B, fan_in_fan_out=fifo, backend=backend, **params)
+        assert_within(as_f64(W), expected, E, f"{backend} bf16 pass-through, sine={sine}")
+        assert (W != W0).float().mean().item() > 0.5
 
 
 @needs_triton
@@ -618,7 +747,13 @@ def aot_cases() -> list[dict]:
                      w_dtype=str(w_dtype).removeprefix("torch."), block_r=block_r, sine=sine,
                      fan_in_fan_out=fifo, aligned=k != 4)
             )
-    return cases
+    # bf16 pass-through factors (a lossless bf16 adapter): the width-16 pointer as bf16
+    return cases + [
+        dict(arch=80, a_width=16, b_width=3, w_dtype="bfloat16", block_r=16, sine=True, fan_in_fan_out=False,
+             aligned=True, a_pass_through="bf16"),
+        dict(arch=90, a_width=16, b_width=16, w_dtype="float16", block_r=32, sine=False, fan_in_fan_out=True,
+             aligned=True, a_pass_through="bf16", b_pass_through="bf16"),
+    ]
 
 
 _AOT_CHILD = r"""

@@ -160,3 +160,36 @@ def test_a_decoded_directory_of_each_layout_reads_back_as_that_layout(tmp_path, 
         assert read(path).layout == layout
         got, _ = read_st(path)
         assert got
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: `sld encode --layout` overrides detection, `sld inspect` names the layout it recorded
+
+
+def test_cli_encode_layout_override_and_inspect_names_the_layout(tmp_path, capsys):
+    from cli_helpers import assert_one_line_error, assert_usage_error, run_sld
+
+    rng = np.random.default_rng(7)
+    src = str(tmp_path / "style.safetensors")
+    kohya_file(src, rng)
+    out = tmp_path / "k.sld"
+    rc, _, err = run_sld(capsys, "encode", src, "--layout", "kohya", "-o", out, "-q")
+    assert rc == 0, err
+    rc, text, _ = run_sld(capsys, "inspect", out)
+    assert rc == 0 and "  layout      kohya " in text
+    rc, js, _ = run_sld(capsys, "inspect", out, "--json")
+    assert json.loads(js)["layout"] == "kohya"
+
+    # the same file forced to another layout has no pairs of that layout: an error listing what
+    # was expected, never an adapter with no modules
+    rc, _, err = run_sld(capsys, "encode", src, "--layout", "peft", "-o", tmp_path / "p.sld")
+    assert_one_line_error(rc, err, src, "expected")
+    assert not (tmp_path / "p.sld").exists()
+    rc, _, err = run_sld(capsys, "encode", src, "--layout", "a1111", "-o", tmp_path / "q.sld")
+    assert_usage_error(rc, err, "--layout")
+
+    peft = _peft_dir(tmp_path, rng)
+    rc, _, err = run_sld(capsys, "encode", peft, "-o", tmp_path / "peft.sld", "-q", "--report")
+    assert rc == 0, err
+    rc, text, _ = run_sld(capsys, "inspect", tmp_path / "peft.sld")
+    assert "  layout      peft " in text

@@ -108,19 +108,36 @@ def test_awkward_alpha_values_survive_scale_times_rank(tmp_path, rng):
 
 
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
-def test_conv_modules_are_kept_as_they_are_in_a_version_1_file(tmp_path, rng, kernel):
+def test_conv_modules_are_quantized_in_a_version_2_file_and_decode_to_their_kernel_shapes(tmp_path, rng, kernel):
     t = kohya_file(str(tmp_path / "base.safetensors"), rng)
-    conv = kohya_module("lora_unet_down_blocks_0_resnets_0_conv1", 8, 4, 2, 1.0, rng, kernel=kernel)
+    stem = "lora_unet_down_blocks_0_resnets_0_conv1"
+    conv = kohya_module(stem, 8, 4, 2, 1.0, rng, kernel=kernel)
     src = write_st(str(tmp_path / "k.safetensors"), {**t, **conv}, KOHYA_META)
-    assert not kohya.container_records_kernels()  # this tree writes container version 1
-    with pytest.warns(DeltacodecWarning, match="conv LoRA.*losslessly.*apply will refuse"):
-        sld = deltacodec.encode(src, bits=3, out=str(tmp_path / "k.sld"))
+    assert kohya.container_records_kernels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeltacodecWarning)
+        sld = deltacodec.encode(src, bits=8, out=str(tmp_path / "k.sld"))  # k-means: version 2 for the kernels
     f = deltacodec.load(sld)
-    assert {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"} <= {e.name for e in f.tensors}
+    assert f.version == 2 and not f.tensors
+    (m,) = [m for m in f.modules if m.name == stem]
+    assert m.weight_shape == (8, 4, *kernel) and (m.in_features, m.rank) == (4 * math.prod(kernel), 2)
+    assert all(e.weight_shape is None for e in f.modules if e.name != stem)
+    # the quantized factors are the source ones to 8-bit k-means precision, in the kernel's layout
+    A, B = f.dequantize(stem)
+    down, up = as_f64(conv[f"{stem}.lora_down.weight"]), as_f64(conv[f"{stem}.lora_up.weight"])
+    assert np.abs(A - down.reshape(2, -1)).max() <= 0.02 * np.abs(down).max()
+    assert np.abs(B - up.reshape(8, 2)).max() <= 0.02 * np.abs(up).max()
     deltacodec.decode(sld, str(tmp_path / "dec"))
-    got, _ = read_st(str(tmp_path / "dec" / "k.safetensors"))
-    for k, v in conv.items():  # bit for bit, shape and dtype (the alpha back to 0-d)
-        assert got[k][0].shape == v.shape and got[k][0].astype(v.dtype).tobytes() == v.tobytes(), k
+    got, meta = read_st(str(tmp_path / "dec" / "k.safetensors"))
+    assert meta == KOHYA_META
+    for k, v in conv.items():  # the same keys and shapes (factors in decode's fp32); alpha exact, in its dtype
+        assert got[k][0].shape == v.shape, k
+    assert got[f"{stem}.alpha"][0].tobytes() == conv[f"{stem}.alpha"].tobytes()
+    assert np.array_equal(got[f"{stem}.lora_down.weight"][0].reshape(2, -1), A)
+    # version 1 cannot record kernel shapes: asked for, it is refused, naming the input and module
+    with pytest.raises(deltacodec.EncodeError, match=f"k.safetensors.*{stem}.*container version 1"):
+        deltacodec.encode(src, bits=8, out=str(tmp_path / "k1.sld"), container=1)
+    assert not os.path.exists(tmp_path / "k1.sld")
 
 
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (3, 1)])

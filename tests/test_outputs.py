@@ -494,3 +494,43 @@ def test_cli_examples_of_lost_inputs_exit_1(tree):
     one_line_error(sld("apply", "P/base", "D/F.sld", "-o", "D", "--force", cwd=tree), "contains the input")
     assert listing(tree / "A") == before_a and listing(tree / "D") == before_d and listing(tree / "P") == before_p
     assert temps(tree) == []
+
+
+_CLI_BLOCK_AT_FIRST_FSYNC = r"""
+import os, sys
+real = os.fsync
+def fsync(fd):
+    real(fd)
+    sys.stdout.write("ready\n"); sys.stdout.flush()
+    sys.stdin.read()  # the test sends SIGTERM while this process waits here
+os.fsync = fsync
+from deltacodec.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verb", ["encode", "decode"])
+def test_sigterm_mid_write_removes_the_temporary_and_exits_130(tmp_path, verb):
+    src = str(tmp_path / "a")
+    make_adapter(src)
+    sld = deltacodec.encode(src, bits=3, out=str(tmp_path / "a.sld"))
+    out = tmp_path / "out" / ("x.sld" if verb == "encode" else "dec")
+    out.parent.mkdir()
+    args = ["encode", src, "-o", out, "-q"] if verb == "encode" else ["decode", sld, "-o", out, "-q"]
+    p = subprocess.Popen([PY, "-c", _CLI_BLOCK_AT_FIRST_FSYNC, *map(str, args)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([p.stdout], [], [], 300)
+        assert ready and p.stdout.readline() == b"ready\n", "no signal in 300 s"
+        assert any(n.startswith(TEMP_PREFIX) for n in os.listdir(out.parent))
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=300)
+        err = p.stderr.read().decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for fh in (p.stdout, p.stderr, p.stdin):
+            fh.close()
+    assert rc == 130 and err == "sld: interrupted\n", (rc, err)
+    assert os.listdir(out.parent) == []  # no temporary, no partial output

@@ -1,5 +1,5 @@
 """The static interleaved rANS coder: compiled coder against an independent reference written
-here from the stream definition (deltacodec/rans.py docstring, docs/v2-coder-draft.md), coding
+here from the stream definition (deltacodec/rans.py docstring, spec/sld-format.md part 2 (§13)), coding
 cost against the ideal code length, and refusal of corrupt streams."""
 
 from __future__ import annotations

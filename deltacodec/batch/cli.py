@@ -100,8 +100,9 @@ def add_batch_parser(sub: Any) -> argparse.ArgumentParser:
             og._add_action(copy.copy(a))  # the same option, type and default as sld encode
     e.set_defaults(func=_cmd_batch, option_dests=[a.dest for a in actions])
 
-    d = ops.add_parser("decode", help="every .sld of SRC -> DST/…/NAME/ (PEFT layout)",
-                       description="Decode every .sld of SRC into DST (a/b.sld -> DST/a/b/ in PEFT layout, or "
+    d = ops.add_parser("decode", help="every .sld of SRC -> DST/…/NAME/ (the layout each was encoded from)",
+                       description="Decode every .sld of SRC into DST (a/b.sld -> DST/a/b/ in the layout it was encoded from: PEFT, "
+                       "diffusers or kohya-ss, as 'sld decode' writes it; or "
                        "DST/a/b.safetensors with --single-file).")
     _common(d)
     dg = d.add_argument_group("decode options (as in 'sld decode')")

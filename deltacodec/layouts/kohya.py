@@ -14,10 +14,11 @@ Module names in the ``.sld`` are the stems, so decode gives the same keys back; 
 keeps the file name, the original metadata and the dtype and shape of the alpha scalars (their
 values are scale·r, exact: see :func:`_alpha_spec`).
 
-A conv module becomes an :class:`AdapterModule` with ``weight_shape`` (out, in, kh, kw) when the
-container records kernel shapes (``ModuleEntry.weight_shape``, container v2). A version-1
-container cannot, so there its three tensors are stored losslessly, as they are, with a
-warning that apply will refuse them; decode writes them back unchanged either way.
+A conv module becomes an :class:`AdapterModule` with ``weight_shape`` (out, in, kh, kw), which
+container version 2 records (``ModuleEntry.weight_shape``; encode writes version 2 for such an
+adapter): quantized like any module, applied as ΔW reshaped to the kernel, decoded back to the
+kernel shapes. (A package whose container could not record kernel shapes kept the three tensors
+losslessly instead: the branch stays for that case.)
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def read(source: Source, *, omega: Any = None, gamma: Any = None, alpha: Any = N
         names = sorted(source.tensors)
         raise AdapterError(
             f"{wfile}: no lora_A/lora_B pairs ({len(names)} tensor{'s' if len(names) != 1 else ''}: "
-            f"{preview(names, limit=3)})"
+            f"{preview(names, limit=3)}); expected {EXPECTED}"
         )
     for key, (arr, _) in extras.items():
         check_storable(key, arr, wfile)

@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import sys
+import zlib
 
 import msgpack
 import numpy as np
@@ -64,6 +65,15 @@ VECTORS = {
     # 4-bit codebooks, and zstd on a raw (modules_to_save) tensor
     "sine_4bit_zstd_extras": dict(kind="sine", bits=4, level=1, quantizer="kmeans", extras=False, scale=4,
                                   saved=True),
+    # container version 2 (spec part 2)
+    "v2_lora_ecsq": dict(kind="lora", bits=3, level=1, quantizer="ecsq", extras=False, scale=4, container=2),
+    "v2_sine_ecsq_1bit": dict(kind="sine", bits=1, level=1, quantizer="ecsq", extras=False, scale=4, container=2),
+    "v2_sine_auto_bpp": dict(kind="sine", bits_per_param=2.5, level=1, quantizer="auto", extras=False, scale=4,
+                             container=2),
+    "v2_lossless_fp16_bf16": dict(kind="lora", bits=16, level=1, quantizer="kmeans", extras=True, container=2,
+                                  factor_dtypes=("float16", "bfloat16"), scale=4),
+    "v2_kmeans_4bit_extras": dict(kind="sine", bits=4, level=1, quantizer="kmeans", extras=False, scale=4,
+                                  saved=True, container=2),
 }
 
 
@@ -76,11 +86,19 @@ def source(name: str, spec: dict) -> str:
     k = spec.get("scale", 1)
     shapes = spec.get("shapes") or {
         "model.layers.0.self_attn.q_proj": (12 * k, 20 * k, 8), "model.layers.0.mlp.down_proj": (20 * k, 36 * k, 8)}
-    for mod, (o, i, r) in shapes.items():
+    for j, (mod, (o, i, r)) in enumerate(shapes.items()):
         tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.from_numpy(
             rng.uniform(-1, 1, (r, i)).astype(np.float32) / np.sqrt(i))
         b = (rng.standard_t(4, (o, r)) * 1e-2).astype(np.float32)
         tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.from_numpy(np.zeros_like(b) if spec.get("zero_b") else b)
+        if spec.get("factor_dtypes"):  # a 16-bit source: one module float16, the next bfloat16
+            dt = getattr(torch, spec["factor_dtypes"][j % len(spec["factor_dtypes"])])
+            for k in ("A", "B"):
+                key = f"base_model.model.{mod}.lora_{k}.weight"
+                t = tensors[key].to(dt).clone()
+                flat = t.view(-1)
+                flat[0], flat[1], flat[2] = 0.0, -0.0, torch.finfo(dt).tiny / 4  # ±0 and a subnormal
+                tensors[key] = t
     if spec["extras"]:
         tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.from_numpy(
             rng.normal(1, 0.1, 12).astype(np.float32)).to(torch.bfloat16)
@@ -122,7 +140,9 @@ def expected(path: str, spec: dict | None) -> dict:
     f = deltacodec.load(path)
     out: dict = {}
     if spec is not None:
-        out["options"] = {key: spec[key] for key in ("bits", "level", "quantizer")}
+        out["options"] = {key: spec[key] for key in ("bits", "level", "quantizer", "size", "bits_per_param",
+                                                      "max_error", "refit") if key in spec}
+        out["options"]["container"] = spec.get("container", 1)
         out["zstd_version"] = zstandard.ZSTD_VERSION
     out.update({
         "file_bytes": f.file_size,
@@ -157,7 +177,11 @@ def golden(names: list[str] | None = None) -> None:
         out = os.path.join(HERE, f"{name}.sld")
         if os.path.exists(out):
             os.remove(out)
-        deltacodec.encode(src, bits=spec["bits"], out=out, level=spec["level"], quantizer=spec["quantizer"], force=True)
+        opts = {k: spec[k] for k in ("size", "bits_per_param", "max_error", "refit") if k in spec}
+        if "bits" in spec:
+            opts["bits"] = spec["bits"]
+        deltacodec.encode(src, out=out, level=spec["level"], quantizer=spec["quantizer"], force=True,
+                          container=spec.get("container", 1), **opts)
         write_json(os.path.join(HERE, f"{name}.expected.json"), expected(out, spec))
         print(f"{name}: {os.path.getsize(out)} bytes")
 
@@ -297,9 +321,9 @@ def invalid() -> dict[str, tuple[bytes, str, str, str, str]]:
     add("not_sld_zip", b"PK\x03\x04" + b"\0" * 26, F, "7.2", "a zip file")
     add("empty", b"", F, "7.2", "0 bytes")
     add("truncated_preamble", good[:19], F, "7.2", "19 bytes: the magic and version are right, the preamble is cut")
-    add("future_version", good[:8] + struct.pack("<I", 2) + good[12:], V, "2.1", "container version 2")
-    add("future_version_short", MAGIC + struct.pack("<I", 2), V, "7.2",
-        "12 bytes with version 2: the version is checked before the preamble length")
+    add("future_version", good[:8] + struct.pack("<I", 3) + good[12:], V, "2.1", "container version 3")
+    add("future_version_short", MAGIC + struct.pack("<I", 3), V, "7.2",
+        "12 bytes with version 3: the version is checked before the preamble length")
     add("version_zero", good[:8] + struct.pack("<I", 0) + good[12:], V, "2.1", "container version 0")
     add("header_length_zero", good[:12] + struct.pack("<I", 0) + good[16:], F, "2.1", "H = 0")
     add("header_length_past_end", good[:12] + struct.pack("<I", len(good) - 19) + good[16:], F, "2.1",
@@ -517,7 +541,172 @@ def invalid() -> dict[str, tuple[bytes, str, str, str, str]]:
         h["tensors"][0]["dtype"] = "BF16"
         s[2] = np.array([0x3F80, 0x7F80, 0x4040], "<u2").tobytes()
     add("raw_inf_bf16", changed(bf16_inf), F, "5.3", "+inf in a raw BF16 tensor", "verify")
+    invalid_v2(add)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Invalid vectors of container version 2 (spec part 2)
+
+
+def _bw():
+    from deltacodec.bitio import BitWriter
+
+    return BitWriter()
+
+
+def v2_base() -> tuple[dict, list[bytes]]:
+    """The valid version-2 file the v2 invalid vectors are one change away from: module 'm'
+    (LoRA, 3x5, rank 2) with an ECSQ lora_A (explicit table over -1..1) and a k-means lora_B
+    (1-bit codebook), and a raw F32 extra 'x'; all coded here, by hand, with the library's rANS
+    coder (integer arithmetic: the bytes do not depend on any release)."""
+    from deltacodec import rans
+    from deltacodec.ecsq import write_params
+    from deltacodec.freqtable import FreqTable
+
+    ta = FreqTable("explicit", 4, -1, np.array([4, 8, 4], dtype=np.int64))
+    bw = _bw()
+    bw.bits(0, 1)
+    ta.write(bw)
+    write_params(bw, 0x3E80, 16, 8)  # Δ = 0.25, θ1 = 16/256, θ2 = 8/256
+    side_a = bw.getvalue()
+    a_idx = np.array([0, 1, -1, 0, 0, 1, 0, -1, 0, 0], dtype=np.int32)
+    tb = FreqTable("explicit", 3, 0, np.array([3, 5], dtype=np.int64))
+    bw = _bw()
+    bw.bits(1, 1)
+    tb.write(bw)
+    bw.bits(0, 3)  # 1-bit codebook
+    bw.bits(int(np.array(0.5, np.float32).view(np.uint32)), 32)
+    for v in np.array([-0.5, 0.25], dtype=np.float16).view(np.uint16).tolist():
+        bw.bits(int(v), 16)
+    side_b = bw.getvalue()
+    b_idx = np.array([1, 0, 1, 1, 0, 1], dtype=np.int32)
+    secs = [rans.encode([(a_idx, ta)], lanes=2), rans.encode([(b_idx, tb)], lanes=2),
+            np.array([1.0, -2.0, 3.0], "<f4").tobytes()]
+    h = {"metadata": {"encoder": "make_vectors.py"}, "defaults": {"kind": "lora", "scale": 2.0, "fan_in_fan_out": False},
+         "lanes": 2, "crc32": 0,
+         "modules": [{"name": "m", "shape": [3, 5, 2], "A": [0, 0, side_a], "B": [0, 0, side_b]}],
+         "tensors": [{"name": "x", "shape": [3], "t": [2, 0, "F32", "none"]}]}
+    return h, secs
+
+
+def v2_build(h: dict, secs: list[bytes], *, fix: bool = True, raw: bytes | None = None) -> bytes:
+    """A v2 file: lengths and the data CRC recomputed (``fix``), header in a raw-block frame."""
+    if fix:
+        items = [m[k] for m in h["modules"] for k in ("A", "B")] + [t["t"] for t in h["tensors"]]
+        for t, sec in zip(items, secs):
+            t[1] = len(sec)
+        h["crc32"] = zlib.crc32(b"".join(secs))
+    packed = raw if raw is not None else msgpack.packb(h, use_bin_type=True)
+    return header_bytes_file(zstd_frame([("raw", packed)]), b"".join(secs), version=2)
+
+
+def v2_changed(fn, *, fix: bool = True) -> bytes:
+    h, secs = v2_base()
+    h = copy.deepcopy(h)
+    secs = list(secs)
+    fn(h, secs)
+    return v2_build(h, secs, fix=fix)
+
+
+def _side(*fields) -> bytes:
+    """Side information from (kind, value) pairs: ("b", v, k) bits, ("e", v) EG0, ("s", v) SEG0."""
+    bw = _bw()
+    for f in fields:
+        if f[0] == "b":
+            bw.bits(f[1], f[2])
+        elif f[0] == "e":
+            bw.eg0(f[1])
+        else:
+            bw.seg0(f[1])
+    return bw.getvalue()
+
+
+def _ecsq_params(step: int = 0x3E80) -> list:
+    return [("b", step, 16), ("b", 0, 8), ("s", 0)]
+
+
+def invalid_v2(add) -> None:
+    F, C, L = "SldFormatError", "SldChecksumError", "SldLimitError"
+
+    def set_side(which: str, side: bytes):
+        return lambda h, secs: h["modules"][0][which].__setitem__(2, side)
+
+    # explicit table, P = 4, imin -1, imax 1, implied symbol 1: f0 = 9, f2 = 8 sum to 17 > 16
+    add("v2_table_sum", v2_changed(set_side("A", _side(("b", 0, 1), ("b", 0, 1), ("b", 3, 4), ("s", -1), ("s", 0),
+                                                        ("s", 0), ("e", 9), ("e", 8), *_ecsq_params()))),
+        F, "13.2", "an explicit table whose frequencies exceed 2^P")
+    add("v2_alphabet_over_256", v2_changed(set_side("A", _side(("b", 0, 1), ("b", 1, 1), ("b", 13, 4), ("s", -150),
+                                                                ("s", 149 - 150), ("b", 0, 4), ("s", 0), ("s", 1),
+                                                                *_ecsq_params()))),
+        F, "13.4", "an ECSQ alphabet of 300 indices, over the cap of 256 levels")
+    add("v2_index_outside_codebook", v2_changed(set_side("B", _side(
+        ("b", 1, 1), ("b", 0, 1), ("b", 2, 4), ("s", 1), ("s", 2 + 1), ("s", 0), ("e", 3),
+        ("b", 0, 3), ("b", 0x3F000000, 32), ("b", 0xB800, 16), ("b", 0x3400, 16)))),
+        F, "13.4", "k-means indices 1..2 for a 1-bit (2-entry) codebook")
+    add("v2_nonfinite_value", v2_changed(set_side("A", _side(("b", 0, 1), ("b", 1, 1), ("b", 13, 4), ("s", -200),
+                                                              ("s", 0 - 200), ("b", 0, 4), ("s", 0), ("s", 1),
+                                                              *_ecsq_params(0x7F00)))),
+        F, "13.4", "step 2^127: the value of index -200 is not finite in float32")
+    add("v2_step_not_normal", v2_changed(set_side("A", _side(("b", 0, 1), ("b", 1, 1), ("b", 13, 4), ("s", -1),
+                                                              ("s", 0), ("b", 0, 4), ("s", 0), ("s", 1),
+                                                              *_ecsq_params(0x0000)))),
+        F, "13.4", "an ECSQ step of 0 (not a positive normal bfloat16)")
+    h0, secs0 = v2_base()
+    add("v2_side_info_past_end", v2_changed(set_side("A", h0["modules"][0]["A"][2][:2])),
+        F, "13.1", "lora_A's side information ends inside its table")
+    add("v2_side_info_trailing", v2_changed(set_side("A", h0["modules"][0]["A"][2] + b"\x01")),
+        F, "13.1", "a byte after lora_A's side information")
+    add("v2_stream_truncated", v2_changed(lambda h, secs: secs.__setitem__(0, secs[0][:-2])),
+        F, "13.3", "lora_A's rANS stream lacks its last word", "verify")
+    add("v2_stream_odd_length", v2_changed(lambda h, secs: secs.__setitem__(0, secs[0] + b"\x00")),
+        F, "13.3", "lora_A's rANS stream has an odd number of word bytes", "verify")
+    add("v2_state_below_range", v2_changed(lambda h, secs: secs.__setitem__(0, struct.pack("<I", 0xFFFF) + secs[0][4:])),
+        F, "13.3", "an initial lane state of 2^16 - 1", "verify")
+    add("v2_final_state", v2_changed(lambda h, secs: secs.__setitem__(
+        1, secs[1][:-1] + bytes([secs[1][-1] ^ 0x40]))),
+        F, "13.3", "a flipped bit in lora_B's stream: a final lane state is not 2^16", "verify")
+    hf = copy.deepcopy(h0)
+    good = v2_build(hf, list(secs0))  # hf now holds the lengths and the data CRC
+    add("v2_data_crc", good[:-1] + bytes([good[-1] ^ 0x41]),
+        C, "11.2", "one byte of the data area changed: the data CRC-32 does not match", "verify")
+    add("v2_required_extension", v2_changed(lambda h, secs: h.__setitem__("required", ["zfp"])),
+        F, "15.1", "'required' names an extension this reader does not implement")
+    add("v2_lanes_zero", v2_changed(lambda h, secs: h.__setitem__("lanes", 0)), F, "12.1", "lanes 0")
+    nocrc = copy.deepcopy(hf)
+    nocrc.pop("crc32")
+    add("v2_missing_crc", v2_build(nocrc, list(secs0), fix=False), F, "12.1", "no 'crc32' in the root map")
+    order = {"metadata": {}, "modules": copy.deepcopy(hf["modules"]), "defaults": h0["defaults"], "lanes": 2, "crc32": 0, "tensors": []}
+    add("v2_entries_before_defaults", v2_build(copy.deepcopy(order), list(secs0[:2])),
+        F, "12.1", "'modules' comes before 'defaults' and 'lanes'")
+    add("v2_descriptor_length", v2_changed(lambda h, secs: h["modules"][0]["A"].append(0)),
+        F, "12.4", "a quantized tensor's descriptor with 4 elements")
+    add("v2_encoding_unknown", v2_changed(lambda h, secs: h["modules"][0]["A"].__setitem__(0, 3)),
+        F, "12.4", "tensor encoding 3")
+    add("v2_shape_two_dims", v2_changed(lambda h, secs: h["modules"][0].__setitem__("shape", [3, 5])),
+        F, "12.2", "a module shape without its rank")
+    add("v2_module_unknown_key", v2_changed(lambda h, secs: h["modules"][0].__setitem__("bits", 3)),
+        F, "12.2", "a module map with a key not in the table")
+    out0, in0, _ = h0["modules"][0]["shape"]
+    add("v2_weight_shape_product", v2_changed(lambda h, secs: h["modules"][0].__setitem__(
+        "weight_shape", [out0, in0 + 1, 1])),
+        F, "12.2", "a conv kernel shape whose in·k product is not the module's in_features")
+    add("v2_weight_shape_fan_in_fan_out", v2_changed(lambda h, secs: h["modules"][0].update(
+        weight_shape=[out0, in0, 1], fan_in_fan_out=True)),
+        F, "12.2", "a conv module (weight_shape) marked fan_in_fan_out")
+    add("v2_kind_missing", v2_changed(lambda h, secs: h["defaults"].pop("kind")),
+        F, "12.2", "no 'kind' in the module nor in defaults")
+    add("v2_prefix_past_previous", v2_changed(lambda h, secs: h["tensors"][0].__setitem__("p", 2)),
+        F, "12.3", "a name prefix of 2 bytes after the 1-byte name 'm'")
+    add("v2_fields_too_short", v2_changed(lambda h, secs: (
+        h["tensors"][0].__setitem__("t", [1, 0, _side(("b", 0, 2), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1))]),
+        h["tensors"][0].__setitem__("shape", [5]))),
+        F, "13.5", "a 5-value float16 tensor with 3 stored field streams in 12 bytes")
+    add("v2_too_many_entries", v2_build(None, list(secs0[:2]), fix=False, raw=(
+        b"\x86" + kv("metadata", {}) + kv("defaults", h0["defaults"]) + kv("lanes", 2) + kv("crc32", 0)
+        + msgpack.packb("modules") + msgpack.packb(hf["modules"], use_bin_type=True)
+        + msgpack.packb("tensors") + a32(1 << 17) + b"\xc0" * (1 << 17))),
+        L, "14.1", "one module and an array declaring 2^17 tensors (the count is refused before entries are read)")
 
 
 def write_invalid() -> None:

@@ -28,6 +28,7 @@ __all__ = ["LocalPool"]
 def _init_worker(lifeline: Any) -> None:
     """Worker start: ignore SIGINT, die with the driver, one thread per worker for torch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the driver's SIGTERM handler is the CLI's, not a worker's
     # The workers share the machine: one intra-op thread each (torch reads this when imported).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
