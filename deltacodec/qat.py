@@ -330,7 +330,9 @@ def export_sld(model: nn.Module, path: str | os.PathLike[str], *, force: bool = 
     st = _state(model, "export_sld")
     refresh_qat(model)
     adapter, layers = _latent_adapter(model, st)
-    out = encode(adapter, st.bits, out=path, quantizer=st.quantizer, level=level, force=force)
+    # refit=False: k-means at fixed bits quantizes each factor on its own (B is not refitted against
+    # Q(A)), exactly like the QAT forward.
+    out = encode(adapter, st.bits, out=path, quantizer=st.quantizer, level=level, force=force, refit=False)
     try:
         _adopt_and_check(load(out), layers, st)
     except BaseException:
