@@ -333,8 +333,6 @@ def _v2_fixed_factor(values: np.ndarray, name: str, bits: int, quantizer: str) -
 def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, value: float, quantizer: str,
                level: int, progress: Progress | None, refit: bool, src: Any) -> bytes:
     """The bytes of a version-2 file (checked by the reader's rules before they are returned)."""
-    from .encode_v2 import coded_tensor
-
     extras = _extras(adapter, level, 2, LANES)
     mods = adapter.modules
     total = len(mods)
@@ -358,7 +356,6 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         return build(modules)
     if not mods:
         return build([])
-    from .ratecontrol import MAX_LEVELS, Target, encode_modules
 
     # What the container adds around the plan's streams and side information: the header
     # (measured with every factor at its smallest: a stream of 4·LANES bytes and a few side bytes)
@@ -373,13 +370,40 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         if value * params / 8.0 < len(floor):
             raise EncodeError(f"encoding {_src_name(src)}: {value} bits/param is unreachable: the smallest file is "
                               f"{len(floor):,} bytes = {8.0 * len(floor) / params:.4g} bits/param")
+    # Allocation: every module under one relative-error bound (minimax) first. On both RD
+    # testbeds' held-out loss it beat the shared-λ sum of relative errors (testbed 2, 2 seeds × 6
+    # adapters: BD-rate vs k-means −4.1 % against +2.0 % on average, better in 10 of 12), which
+    # zeroes whole modules at low rates. Below the smallest minimax file, the sum allocation
+    # still reaches the target (zeroing the modules that cost most per unit of error).
+    allocations = ("minimax", "sum") if kind in ("size", "bits_per_param") else ("minimax",)
+    for allocation in allocations:
+        data, met = _rate_controlled(mods, kind, value, quantizer, refit, overhead, build, src, allocation)
+        if met:
+            break
+    else:
+        raise EncodeError(f"encoding {_src_name(src)}: {kind} {value:g} is unreachable: the smallest file rate "
+                          f"control reached is {len(data):,} bytes (the container alone, every factor "
+                          f"zero, is {len(floor):,} bytes)")
+    if progress:
+        progress(total, total, "")
+    return data
+
+
+def _rate_controlled(mods: list[Any], kind: str, value: float, quantizer: str, refit: bool, overhead: int,
+                     build: Any, src: Any, allocation: str) -> tuple[bytes, bool]:
+    """(the file, whether it meets the target) for a rate target with one allocation, the goal
+    corrected up to 4 times until a size-like target is met."""
+    from .encode_v2 import coded_tensor
+    from .ratecontrol import MAX_LEVELS, Target, encode_modules
+
     goal = float(value)
     data = b""
     for attempt in range(4):
         t_kind = "bits" if kind == "bits" else kind
         plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
                               overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
-                              lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False)
+                              lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False,
+                              allocation=allocation)
         st = plan.streams
         modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES, st[2 * i]),
                                 coded_tensor(plan.tensors[2 * i + 1], LANES, st[2 * i + 1]))
@@ -401,12 +425,8 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         break
     else:
         if kind in ("size", "bits_per_param"):
-            raise EncodeError(f"encoding {_src_name(src)}: {kind} {value:g} is unreachable: the smallest file rate "
-                              f"control reached is {len(data):,} bytes (the container alone, every factor "
-                              f"zero, is {len(floor):,} bytes)")
-    if progress:
-        progress(total, total, "")
-    return data
+            return data, False
+    return data, True
 
 
 def _min_tensor(values: np.ndarray) -> dict[str, Any]:

@@ -6,6 +6,7 @@ what the spec says it must."""
 from __future__ import annotations
 
 import copy
+import os
 import struct
 import zlib
 
@@ -610,3 +611,34 @@ def test_v2_weight_shape_rules(tmp_path):
         h["modules"][0]["weight_shape"] = good
         h["modules"][0]["fan_in_fan_out"] = True
     rejects(tmp_path, changed(fifo), match="fan_in_fan_out")
+
+
+def test_size_targets_try_minimax_first_and_fall_back_to_the_sum_allocation(tmp_path, monkeypatch):
+    """Rate control puts every module under one relative-error bound (minimax) first; a size it
+    cannot reach that way is retried with the shared-λ sum allocation, which reaches lower sizes
+    by zeroing the modules that cost most per unit of error. Every file met lands at or under its
+    target, and the deterministic adapter here has targets only the fallback reaches."""
+    import re
+
+    import deltacodec.ratecontrol as rc
+    from test_codec import make_adapter
+
+    make_adapter(str(tmp_path / "a"), rank=8)
+    with pytest.raises(deltacodec.EncodeError, match="unreachable") as info:
+        deltacodec.encode(str(tmp_path / "a"), size=10, out=str(tmp_path / "x.sld"))
+    floor = int(re.search(r"encodes to is ([\d,]+) bytes", str(info.value)).group(1).replace(",", ""))
+    calls: list = []
+    real = rc.encode_modules
+    monkeypatch.setattr(rc, "encode_modules", lambda *a, **k: calls.append(k["allocation"]) or real(*a, **k))
+    by_fallback = 0
+    for target in range(int(floor * 1.3), int(floor * 1.8), 8):
+        calls.clear()
+        try:
+            p = deltacodec.encode(str(tmp_path / "a"), size=target, out=str(tmp_path / f"{target}.sld"))
+        except deltacodec.EncodeError as exc:
+            assert "unreachable" in str(exc) and calls[-1] == "sum"  # both were tried
+            continue
+        assert os.path.getsize(p) <= target and calls[0] == "minimax"
+        by_fallback += "sum" in calls
+        deltacodec.load(p).verify()
+    assert by_fallback > 0
