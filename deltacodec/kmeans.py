@@ -26,7 +26,6 @@ tensors, in benchmarks/bench_codec.py --check-sse.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view as _windows
 
 __all__ = ["kmeans_1d", "sse"]
 

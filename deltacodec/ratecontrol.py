@@ -217,7 +217,7 @@ def _curve(x: np.ndarray, with_kmeans: bool) -> _Curve:
     # finest reliable step with R = R0 + n·log2(Δ0/Δ), D = D0·(Δ/Δ0)²
     ok = bits / n < 0.5 * math.log2(ss.m) if ss.m < n else np.ones(steps.size, bool)
     j0 = int(np.argmax(ok)) if ok.any() else steps.size - 1
-    s0, r0, d0, z0 = steps[j0], bits[j0], sse[j0], nz[j0]
+    s0, r0, d0 = steps[j0], bits[j0], sse[j0]
     fine = np.array([ecsq.bf16_value(ecsq.bf16_bits(v)) for v in sd * _GRID_FINE])
     fine = fine[fine < s0]
     fine = fine[fine * 2 * ecsq.MAX_ABS_INDEX > max(abs(ss.lo), abs(ss.hi))]

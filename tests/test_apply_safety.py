@@ -11,7 +11,6 @@ on its own, and apply must not rely on that.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import shutil
 import warnings

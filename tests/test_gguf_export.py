@@ -30,7 +30,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import deltacodec  # noqa: E402
 from cli_helpers import assert_one_line_error, assert_usage_error, lora_module, raw_tensor, run_sld, write_sld  # noqa: E402
-from deltacodec import DecodeError, OutputError, SldFile  # noqa: E402
+from deltacodec import DecodeError, OutputError  # noqa: E402
 from deltacodec.export import gguf_arch  # noqa: E402
 from deltacodec.outputs import TEMP_PREFIX  # noqa: E402
 

@@ -90,7 +90,7 @@ def test_alpha_dtype_and_shape_come_back_per_module(tmp_path, rng, dtype, shape)
     got, _ = read_st(str(tmp_path / "dec" / "k.safetensors"))
     want = "BF16" if dtype == "BF16" else {np.float32: "F32", np.float64: "F64", np.float16: "F16"}[dtype]
     assert got[key][1] == want and got[key][0].shape == shape and float(got[key][0].reshape(-1)[0]) == 3.0
-    assert got[f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"][1] == "F16"
+    assert got["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"][1] == "F16"
 
 
 def test_awkward_alpha_values_survive_scale_times_rank(tmp_path, rng):
