@@ -402,3 +402,39 @@ def test_kohya_conv_lora_applies_to_the_unet_as_its_kernel_reshaped(tmp_path, bi
         assert (np.abs(got - want) <= tol + 1e-30).all(), name
     h.remove()
     assert all(torch.equal(v, state(ref.unet)[n]) for n, v in state(pipe.unet).items())
+
+
+def test_attention_processor_keys_apply_like_the_same_lora_in_todays_keys(sd, tmp_path):
+    # diffusers < 0.19 named UNet LoRA factors by attention processor: <attn>.processor.to_q_lora.down.weight
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    root, wf, slds = sd
+    with safe_open(wf, "np") as fh:
+        meta = fh.metadata() or {}
+    old = {}
+    for key, v in load_file(wf).items():
+        comp = key.split(".", 1)[0]
+        if comp == "unet":
+            for suffix, part in ((".lora.down.weight", "down"), (".lora.up.weight", "up"),
+                                 (".lora_A.weight", "down"), (".lora_B.weight", "up")):
+                if key.endswith(suffix):
+                    attn, proj = key[: -len(suffix)].rsplit(".", 1)
+                    if proj == "0":  # to_out.0
+                        attn, proj = attn.rsplit(".", 1)
+                    key = f"{attn}.processor.{proj}_lora.{part}.weight"
+                    break
+            else:
+                raise AssertionError(key)
+        old[key] = v
+    src = str(tmp_path / "old" / "pytorch_lora_weights.safetensors")
+    os.makedirs(os.path.dirname(src))
+    save_file(old, src, metadata=meta)
+    sld = deltacodec.encode(src, bits=16, out=str(tmp_path / "old.sld"))
+    ref, pipe = dt.sd_pipeline(), dt.sd_pipeline()
+    deltacodec.apply(ref, slds[16])
+    h = deltacodec.apply(pipe, sld)
+    assert len(h.patched) == len(deltacodec.load(slds[16]).modules)
+    for comp in ("unet", "text_encoder"):
+        got, want = state(getattr(pipe, comp)), state(getattr(ref, comp))
+        assert all(torch.equal(got[n], want[n]) for n in want), comp

@@ -206,3 +206,44 @@ def test_malformed_component_configs_are_refused_naming_the_key(tmp_path, rng, t
     src = write_st(str(tmp_path / "pytorch_lora_weights.safetensors"), diffusers_module(UNET_Q, 16, 16, 4, rng),
                    {"lora_adapter_metadata": text})
     _refused(src, match, names=(name,) if name == UNET_Q else (name, "lora_adapter_metadata"))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers < 0.19: attention-processor keys
+
+
+ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+def _processor_file(tmp_path, rng, projs=("to_q", "to_k", "to_v", "to_out")):
+    t = {}
+    for proj in projs:
+        t[f"{ATTN}.processor.{proj}_lora.down.weight"] = rng.standard_normal((4, 16)).astype(np.float32)
+        t[f"{ATTN}.processor.{proj}_lora.up.weight"] = rng.standard_normal((16, 4)).astype(np.float32)
+    return t, write_st(str(tmp_path / "old" / "pytorch_lora_weights.safetensors"), t)
+
+
+def test_attention_processor_keys_read_as_the_attention_projections_and_are_written_back(tmp_path, rng):
+    t, src = _processor_file(tmp_path, rng)
+    a = quiet_read(src)
+    assert a.layout == "diffusers" and a.layout_info["key_style"] == {"unet": "processor"}
+    want = {f"{ATTN}.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert {m.name for m in a.modules} == want and all(m.scale == 1.0 for m in a.modules)  # no config: alpha = r
+    for m in a.modules:
+        proj = m.name.rsplit(".", 2)[-2] if m.name.endswith(".0") else m.name.rsplit(".", 1)[-1]
+        assert np.array_equal(m.A, t[f"{ATTN}.processor.{proj}_lora.down.weight"])
+        assert np.array_equal(m.B, t[f"{ATTN}.processor.{proj}_lora.up.weight"])
+    sld = deltacodec.encode(src, bits=16, out=str(tmp_path / "old.sld"))
+    (path,) = deltacodec.decode(sld, str(tmp_path / "dec"))
+    got, meta = read_st(path)
+    assert os.path.basename(path) == "pytorch_lora_weights.safetensors" and sorted(got) == sorted(t)
+    for k, v in t.items():  # float32 sources are stored as float16 at 16 bits
+        assert np.array_equal(got[k][0], v.astype(np.float16).astype(np.float32)), k
+
+
+def test_attention_processor_and_peft_keys_for_one_module_are_refused(tmp_path, rng):
+    t, _ = _processor_file(tmp_path, rng, projs=("to_q",))
+    t[f"{ATTN}.to_q.lora_A.weight"] = t[f"{ATTN}.processor.to_q_lora.down.weight"]
+    src = write_st(str(tmp_path / "mixed.safetensors"), t)
+    with pytest.raises(AdapterError, match="to_q"):
+        quiet_read(src)

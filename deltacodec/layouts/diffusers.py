@@ -2,12 +2,14 @@
 (``pytorch_lora_weights.safetensors``).
 
 Keys name a module's factors, prefixed with the pipeline component it adapts (``unet.``,
-``transformer.``, ``text_encoder.``, ``text_encoder_2.``, ...), in one of three styles: PEFT's
+``transformer.``, ``text_encoder.``, ``text_encoder_2.``, ...), in one of four styles: PEFT's
 ``<module>.lora_A.weight`` (r×in) / ``.lora_B.weight`` (out×r), which the SD3/Flux scripts and
 ``save_lora_adapter`` write; and diffusers' own, which ``convert_state_dict_to_diffusers`` makes
 of them in the SD 1.x/SDXL scripts: ``<module>.lora.down.weight`` / ``.lora.up.weight`` (UNet)
-and ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` (text encoders). The style is
-kept per component in ``layout_info`` and written back. Newer diffusers store each component's LoRA config (its
+and ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` (text encoders); and the
+attention processors' of diffusers < 0.19, ``<attention>.processor.to_q_lora.down.weight`` /
+``.up.weight`` (``to_k``, ``to_v``, ``to_out`` alike), read as the modules ``<attention>.to_q``
+... ``<attention>.to_out.0`` so that apply finds them. The style is kept per component in ``layout_info`` and written back. Newer diffusers store each component's LoRA config (its
 ``LoraConfig.to_dict()``) in the safetensors metadata under ``lora_adapter_metadata``, as one
 JSON object whose keys are the config's keys prefixed the same way (``"unet.r"``,
 ``"unet.lora_alpha"``, ...); rank_pattern / alpha_pattern keys are module names inside the
@@ -55,15 +57,24 @@ STYLES = {
     "peft": ("lora_A.weight", "lora_B.weight"),
     "lora": ("lora.down.weight", "lora.up.weight"),
     "lora_linear_layer": ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"),
+    # diffusers < 0.19 (LoRAAttnProcessor): <attention>.processor.to_q_lora.down.weight for the
+    # module <attention>.to_q (to_out_lora: <attention>.to_out.0); keys built by _processor_key
+    "processor": ("", ""),
 }
 FACTOR_KEY = re.compile(
     r"^(?:(?P<mod>.+)\.)?(?:lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
     r"|(?P<style>lora|lora_linear_layer)\.(?P<du>down|up)\.weight)$"
 )
+PROCESSOR_KEY = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
+_PROCESSOR_MODULE = re.compile(r"^(?P<attn>.+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
 
 
 def match_factor(key: str) -> tuple[str | None, str, str | None] | None:
-    """(module, "A"/"B", adapter name) of a factor key in any of the three styles, or None."""
+    """(module, "A"/"B", adapter name) of a factor key in any of the four styles, or None."""
+    p = PROCESSOR_KEY.match(key)
+    if p is not None:
+        proj = "to_out.0" if p["proj"] == "to_out" else p["proj"]
+        return f"{p['attn']}.{proj}", "A" if p["du"] == "down" else "B", None
     m = FACTOR_KEY.match(key)
     if m is None:
         return None
@@ -71,14 +82,26 @@ def match_factor(key: str) -> tuple[str | None, str, str | None] | None:
 
 
 def style_of(key: str) -> str:
+    if PROCESSOR_KEY.match(key):
+        return "processor"
     m = FACTOR_KEY.match(key)
     assert m is not None
     return m["style"] or "peft"
 
 
+def _processor_key(module: str, part: str) -> str:
+    """The attention-processor key of ``module``'s ``part`` ("down"/"up"); :class:`UnusableInfo`
+    for a module that style cannot name (not an attention's to_q/to_k/to_v/to_out.0)."""
+    m = _PROCESSOR_MODULE.match(module)
+    if m is None:
+        raise UnusableInfo(f"module '{module}' has no attention-processor key (key style 'processor')")
+    proj = "to_out" if m["proj"] == "to_out.0" else m["proj"]
+    return f"{m['attn']}.processor.{proj}_lora.{part}.weight"
+
+
 def factor_keys(source: Source) -> list[str]:
-    """Keys named like factors in any of the three styles."""
-    return [k for k in source.tensors if FACTOR_KEY.match(k)]
+    """Keys named like factors in any of the four styles."""
+    return [k for k in source.tensors if FACTOR_KEY.match(k) or PROCESSOR_KEY.match(k)]
 
 
 def component_of(name: str) -> str | None:
@@ -178,8 +201,8 @@ def _styles(by_module: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _style_for(info: dict[str, Any], module: str) -> tuple[str, str]:
-    """The (A, B) key suffixes of ``module`` as the original file named them."""
+def _keys_for(info: dict[str, Any], module: str) -> tuple[str, str]:
+    """The (A, B) keys of ``module`` as the original file named them."""
     other = info.get("key_style_other", {})
     usual = info.get("key_style", {})
     if not isinstance(other, dict) or not isinstance(usual, dict):
@@ -187,7 +210,10 @@ def _style_for(info: dict[str, Any], module: str) -> tuple[str, str]:
     st = other.get(module, usual.get(component_of(module) or "", "peft"))
     if st not in STYLES:
         raise UnusableInfo(f"key style {st!r:.40} of '{module}' is not one of {', '.join(STYLES)}")
-    return STYLES[st]
+    if st == "processor":
+        return _processor_key(module, "down"), _processor_key(module, "up")
+    a, b = STYLES[st]
+    return f"{module}.{a}", f"{module}.{b}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +334,7 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
     renamed: dict[str, Any] = {}
     factor_of = {}
     for m in f.modules:
-        a, b = _style_for(info, m.name)
-        factor_of[m.A.name], factor_of[m.B.name] = f"{m.name}.{a}", f"{m.name}.{b}"
+        factor_of[m.A.name], factor_of[m.B.name] = _keys_for(info, m.name)
     for key, spec in specs.items():
         new = factor_of.get(key, key)
         if new in renamed:
