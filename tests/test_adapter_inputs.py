@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -399,14 +400,28 @@ def test_two_entries_for_one_model_weight_are_refused(tmp_path, tensors, why):
     refused(write_dir(tmp_path / "a", tensors=tensors), why)
 
 
-def test_conv_lora_factors_are_stored_losslessly_with_a_warning(tmp_path):
-    conv = {"base_model.model.conv.lora_A.weight": np.ones((4, 3, 3, 3), np.float32),
-            "base_model.model.conv.lora_B.weight": np.ones((8, 4, 1, 1), np.float32)}
+@pytest.mark.parametrize("kernel", [(3, 3), (5,), (1, 2, 2)], ids=["conv2d", "conv1d", "conv3d"])
+def test_conv_lora_factors_are_quantized_conv_modules_and_decode_to_kernel_shapes(tmp_path, kernel):
+    # PEFT's conv LoRA: lora_A (r, in, *kernel), lora_B (out, r, 1, ...): ΔW = B@A reshaped to (out, in, *kernel)
+    rng = np.random.default_rng(1)
+    nd = len(kernel)
+    conv = {"base_model.model.conv.lora_A.weight": rng.standard_normal((4, 3, *kernel)).astype(np.float32),
+            "base_model.model.conv.lora_B.weight": rng.standard_normal((8, 4, *([1] * nd))).astype(np.float32)}
     d = write_dir(tmp_path / "a", tensors=_with(conv))
-    with pytest.warns(DeltacodecWarning, match="not linear"):
-        f = deltacodec.load(deltacodec.encode(d, bits=3, out=str(tmp_path / "a.sld")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeltacodecWarning)
+        f = deltacodec.load(deltacodec.encode(d, bits=8, out=str(tmp_path / "a.sld")))
+    (m,) = [m for m in f.modules if m.name == "base_model.model.conv"]
+    assert f.version == 2 and m.weight_shape == (8, 3, *kernel) and (m.in_features, m.rank) == (3 * math.prod(kernel), 4)
+    A, B = f.dequantize(m.name)
+    ref_a = conv["base_model.model.conv.lora_A.weight"].reshape(4, -1)
+    ref_b = conv["base_model.model.conv.lora_B.weight"].reshape(8, 4)
+    assert np.abs(A - ref_a).max() <= 0.02 * np.abs(ref_a).max() and np.abs(B - ref_b).max() <= 0.02 * np.abs(ref_b).max()
+    out = deltacodec.decode(f.path, str(tmp_path / "dec"))
+    got = load_file([p for p in out if p.endswith(".safetensors")][0])
     for k, v in conv.items():
-        np.testing.assert_array_equal(f.tensor(k), v)
+        assert got[k].shape == v.shape, k
+    np.testing.assert_array_equal(got["base_model.model.conv.lora_A.weight"].reshape(4, -1), A)
 
 
 # ----------------------------------------------------------------------------------------------

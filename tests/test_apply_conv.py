@@ -8,6 +8,8 @@ the indices and codebooks the test chose, multiply in float64, reshape with nump
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,36 @@ def test_a_conv_of_another_shape_is_refused_naming_both_shapes(tmp_path):
     with pytest.raises(ApplyError, match=r"conv.*\[6, 4, 3, 3\].*\[6, 4, 3, 2\]"):
         deltacodec.apply(net, f)
     assert torch.equal(net.conv.weight.detach(), w0)
+
+
+@pytest.mark.parametrize("conv_cls,kernel", [(torch.nn.Conv2d, (3, 3)), (torch.nn.Conv1d, (3,))], ids=["conv2d", "conv1d"])
+def test_a_peft_conv_lora_applies_as_peft_merges_it(tmp_path, conv_cls, kernel):
+    # A real PEFT conv LoRA saved by PEFT, encoded losslessly, applied: the same weights as PEFT's
+    # own merge_and_unload (independent reference), to float32 rounding of W + ΔW.
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_cls(3, 5, kernel)
+            self.lin = torch.nn.Linear(6, 4)
+
+    torch.manual_seed(0)
+    base = Net()
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "lin"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:  # non-zero B, and float16-exact factors so the 16-bit file is exact
+                p.copy_(torch.randn_like(p).half().float())
+    model.save_pretrained(str(tmp_path / "a"))
+    sld = deltacodec.encode(str(tmp_path / "a"), bits=16, out=str(tmp_path / "a.sld"))
+    assert deltacodec.load(sld).modules[0].weight_shape == (5, 3, *kernel)
+    merged = model.merge_and_unload()
+    target = Net()
+    target.load_state_dict(base.state_dict())
+    deltacodec.apply(target, sld, keep_original=False)
+    for name, want in merged.state_dict().items():
+        got = target.state_dict()[name]
+        tol = 4 * torch.finfo(torch.float32).eps * (want.abs() + 1)
+        assert ((got - want).abs() <= tol).all(), name
+    assert not torch.equal(target.conv.weight, base.conv.weight)

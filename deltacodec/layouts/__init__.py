@@ -9,6 +9,8 @@ metadata is missing or unusable (metadata is informational: a reader never needs
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from typing import Any
 
@@ -74,11 +76,25 @@ def read(source: Source, *, layout: str | None = None, omega: Any = None, gamma:
     return choose(source, layout).read(source, omega=omega, gamma=gamma, alpha=alpha)
 
 
+def _kernel_shaped(f: Any, specs: dict[str, Any]) -> dict[str, Any]:
+    """``specs`` with a conv module's factors in their kernel shapes: A (r, in, k...) and B
+    (out, r, 1, ...), as PEFT, diffusers and kohya-ss store them (the values stay in order)."""
+    out = dict(specs)
+    for m in f.modules:
+        ws = getattr(m, "weight_shape", None)
+        if ws and m.A.name in out and m.B.name in out:
+            a, b = out[m.A.name], out[m.B.name]
+            out[m.A.name] = dataclasses.replace(a, shape=(m.rank, *ws[1:]))
+            out[m.B.name] = dataclasses.replace(b, shape=(m.out_features, m.rank, *([1] * (len(ws) - 2))))
+    return out
+
+
 def write_decoded(f: Any, out: str, specs: dict[str, Any], *, force: bool, inputs: Any, progress: Any) -> list[str]:
     """Write the decoded tensors of the ``.sld`` file ``f`` (``specs``: by their .sld names) in the
     layout its metadata ``layout`` names, with its ``layout_info``; PEFT layout when there is
     none, or (with a :class:`DeltacodecWarning`) when it is not one this version writes or its
     ``layout_info`` cannot be used."""
+    specs = _kernel_shaped(f, specs)
     name = f.metadata.get("layout")
     mod: Any = peft
     if name is not None and name != "peft":

@@ -76,7 +76,9 @@ EMBEDDING_FACTOR = re.compile(r"(?:^|\.)lora_embedding_[AB](?:\.[^.]+)?$")
 _LORA_BIAS = re.compile(r"(?:^|\.)lora_[AB](?:\.[^.]+)?\.bias$")
 _DORA = re.compile(r"(?:^|\.)lora_magnitude_vector(?:\.|$)")
 
-Pairs = dict[str, dict[str, tuple[str, np.ndarray]]]
+# module -> {"A": (key, r×in array), "B": (key, out×r array)}, and for a conv module also
+# "kernel": its weight shape (out, in, k...), the factors then being the kernels flattened
+Pairs = dict[str, dict[str, Any]]
 
 
 def canonical(name: str) -> str:
@@ -153,11 +155,17 @@ def group_factors(
         k1, k2, ab, mod = twice[0]
         raise AdapterError(f"{path}: tensors {show_name(k1)} and {show_name(k2)} are both the {ab} factor of module '{mod}'")
     pairs: Pairs = {}
+    kernels: dict[str, tuple[int, ...]] = {}
     nonlinear: list[str] = []
     for mod, group in groups.items():
         dims = {ab: arr.ndim for ab, (_, arr, _) in group.items()}
         if all(d == 2 for d in dims.values()):
             pairs[mod] = {ab: (key, arr) for ab, (key, arr, _) in group.items()}
+        elif _conv_pair(group):
+            # PEFT's conv LoRA: lora_A is a conv (r, in, *kernel), lora_B a 1×…×1 conv (out, r, 1, ...)
+            (ka, A, _), (kb, B, _) = group["A"], group["B"]
+            pairs[mod] = {"A": (ka, A.reshape(A.shape[0], -1)), "B": (kb, B.reshape(B.shape[0], B.shape[1]))}
+            kernels[mod] = (B.shape[0], *A.shape[1:])
         elif all(d != 2 for d in dims.values()):
             for key, arr, dt in group.values():
                 extras[key] = (arr, dt)
@@ -168,7 +176,19 @@ def group_factors(
                 f"{path}: module '{mod}': {desc}; the factors of a linear layer are both 2-D (r×in, out×r)"
             )
     nonlinear += [k for k in extras if EMBEDDING_FACTOR.search(k)]
+    for mod, ws in kernels.items():  # read by build_modules: the kernel shape rides with the pair
+        pairs[mod]["kernel"] = ws
     return pairs, extras, nonlinear
+
+
+def _conv_pair(group: dict[str, tuple[str, np.ndarray, str]]) -> bool:
+    """Whether a module's factors are a conv LoRA pair: A (r, in, k...) and B (out, r, 1...), 3 to
+    5 dimensions alike (Conv1d/2d/3d)."""
+    if set(group) != {"A", "B"}:
+        return False
+    A, B = group["A"][1], group["B"][1]
+    return (3 <= A.ndim <= 5 and B.ndim == A.ndim and B.shape[1] == A.shape[0]
+            and all(s == 1 for s in B.shape[2:]) and A.shape[0] >= 1)
 
 
 def check_collisions(modules: list[str], extras: list[str], path: str) -> None:
@@ -213,7 +233,7 @@ def peft_notes(st: AdapterSettings | None, extras: list[str], nonlinear: list[st
         )
     if nonlinear:
         notes.append(
-            f"{src}: {len(nonlinear)} LoRA factors of layers that are not linear (conv, embedding; e.g. "
+            f"{src}: {len(nonlinear)} LoRA factors of layers that are neither linear nor conv (embedding; e.g. "
             f"{preview(nonlinear, limit=3)}) are stored losslessly, not quantized; apply will refuse them"
         )
     return notes
@@ -263,9 +283,11 @@ def build_modules(
                 "is beyond float32"
             )
         gm = gamma_for(st.gamma, A.shape[1]) if st.sine else None
+        kernel = pair.get("kernel")
         modules.append(
             make_module(mod, (ka, A), (kb, B), scale, path=wfile, omega=st.omega if st.sine else None,
-                        gamma=gm, fan_in_fan_out=st.fan_in_fan_out)
+                        gamma=gm, fan_in_fan_out=st.fan_in_fan_out and kernel is None,
+                        weight_shape=tuple(kernel) if kernel is not None else None)
         )
     return modules
 
