@@ -70,6 +70,7 @@ def inspect_summary(path: str, *, max_decoded_bytes: int | None = None) -> dict[
             "omega": m.omega,
             "gamma": m.gamma,
             "fan_in_fan_out": m.fan_in_fan_out,
+            "weight_shape": list(m.weight_shape) if m.weight_shape else None,  # a conv module's kernel
         }
         for m in f.modules
     ]

@@ -16,6 +16,7 @@ import pytest
 import deltacodec
 from deltacodec.errors import AdapterError, DeltacodecWarning
 from deltacodec.layouts import kohya
+from deltacodec.cli_inspect import inspect_summary
 from deltacodec.safetensors_io import TensorSpec
 
 from layout_files import KOHYA_META, kohya_file, kohya_module, read_st, write_st
@@ -122,6 +123,8 @@ def test_conv_modules_are_quantized_in_a_version_2_file_and_decode_to_their_kern
     (m,) = [m for m in f.modules if m.name == stem]
     assert m.weight_shape == (8, 4, *kernel) and (m.in_features, m.rank) == (4 * math.prod(kernel), 2)
     assert all(e.weight_shape is None for e in f.modules if e.name != stem)
+    shown = {m["name"]: m["weight_shape"] for m in inspect_summary(sld)["modules"]}  # sld inspect --json
+    assert shown[stem] == [8, 4, *kernel] and sum(v is not None for v in shown.values()) == 1
     # the quantized factors are the source ones to 8-bit k-means precision, in the kernel's layout
     A, B = f.dequantize(stem)
     down, up = as_f64(conv[f"{stem}.lora_down.weight"]), as_f64(conv[f"{stem}.lora_up.weight"])
