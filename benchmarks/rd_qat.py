@@ -347,6 +347,38 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
     return summary
 
 
+def paired(runs: list[dict]) -> None:
+    """Testbed 2, where BD is often undefined (curves of 3 ranks whose quality ranges do not
+    overlap): QAT against PTQ at equal (method, rank, bits), files of nearly equal size. Per
+    (method, bits) and seed: mean Δ bits/byte over the ranks (QAT − PTQ, negative = QAT better),
+    how many ranks have a QAT file both smaller and better, and whether QAT's whole curve beats
+    PTQ's (its worst file scores below PTQ's best); then the bytes of QAT's smallest file that
+    beats PTQ's best, as a share of the PTQ file's bytes (a bound on the saving at that quality)."""
+    print("\nPaired QAT − PTQ at equal rank (testbed 2): mean Δbpb over ranks | ranks with a smaller and better "
+          "QAT file | dominance (QAT's smallest file beating PTQ's best, bytes as a share of PTQ's)")
+    for m in METHODS:
+        for b in sorted({r["bits"] for r in runs[0]["measurements"]}):
+            cells = []
+            for run_ in runs:
+                rr = [r for r in run_["measurements"] if r["method"] == m and r["bits"] == b]
+                ptq = {r["rank"]: r for r in rr if r["arm"] == "PTQ"}
+                qat = {r["rank"]: r for r in rr if r["arm"] == "QAT"}
+                ranks = sorted(set(ptq) & set(qat))
+                d = [qat[k]["bits_per_byte"] - ptq[k]["bits_per_byte"] for k in ranks]
+                wins = sum(qat[k]["bits_per_byte"] < ptq[k]["bits_per_byte"] and qat[k]["bytes"] < ptq[k]["bytes"]
+                           for k in ranks)
+                best_ptq = min(ptq.values(), key=lambda r: r["bits_per_byte"])
+                beat = [r for r in qat.values() if r["bits_per_byte"] < best_ptq["bits_per_byte"]]
+                dom = ""
+                if beat:
+                    q = min(beat, key=lambda r: r["bytes"])
+                    dom = f" r{q['rank']}<r{best_ptq['rank']} {q['bytes'] / best_ptq['bytes']:.2f}"
+                    if max(r["bits_per_byte"] for r in qat.values()) < best_ptq["bits_per_byte"]:
+                        dom += " all"
+                cells.append(f"{np.mean(d):+.4f} {wins}/{len(ranks)}{dom:16s}")
+            print(f"  {m:8s} {b}b: " + " | ".join(cells))
+
+
 def summarize(dirs: list[Path]) -> None:
     runs = [json.loads((d / "measurements.json").read_text()) for d in dirs]
     seeds = [r["settings"]["seed"] for r in runs]
@@ -370,6 +402,8 @@ def summarize(dirs: list[Path]) -> None:
             br, bq = np.array([v[0] for v in ok]), np.array([v[1] for v in ok])
             print(f"  {title:24s} {g}b: {cells}   mean {br.mean():+8.2f} {bq.mean():+8.{qd}f}   "
                   f"spread {np.ptp(br):7.2f} {np.ptp(bq):7.{qd}f}")
+    if runs[0].get("testbed") == "rd_text":
+        paired(runs)
     for r in runs:
         print(f"seed {r['settings']['seed']} overhead (QAT/plain step time): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items()))
