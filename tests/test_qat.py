@@ -357,8 +357,9 @@ def test_rd_qat_quick_run(tmp_path):
 @pytest.mark.slow
 def test_rd_qat_text_quick_run(tmp_path):
     """benchmarks/rd_qat.py --testbed text on rd_text's quick model: every arm writes its point;
-    each QAT file patched onto the base scores exactly the QAT model's own held-out bits/byte; the
-    PTQ arm's unquantized adapter is the one rd_text.py trains with the same settings."""
+    each QAT file patched onto the base scores the QAT model's own held-out bits/byte up to float32
+    rounding; the PTQ arm's unquantized adapter is the one rd_text.py trains with the same
+    settings (bit for bit: equal test bits/byte)."""
     import json
     import subprocess
     import sys
@@ -378,7 +379,10 @@ def test_rd_qat_text_quick_run(tmp_path):
     for r in rows:
         assert r["quality"] == -r["bits_per_byte"]
         if r["arm"] == "QAT":
-            assert r["bits_per_byte"] == r["model_bits_per_byte"]
+            # The file holds exactly the factors of the QAT forward pass (export_sld checks it bit
+            # for bit); apply merges ΔW into W while PEFT adds the low-rank path, so the float32
+            # logits differ in rounding only: ~1e-7 bpb in the full runs, 1e-5 leaves margin.
+            assert abs(r["bits_per_byte"] - r["model_bits_per_byte"]) < 1e-5
             assert r["qat_steps"] == 3 and r["steps"] == 12
     proc = subprocess.run([sys.executable, "benchmarks/rd_text.py", *common, "--out", str(ref)],
                           cwd=repo, capture_output=True, text=True, timeout=3600)
