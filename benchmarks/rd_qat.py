@@ -23,6 +23,16 @@ Usage::
     python benchmarks/rd_qat.py --seed 0                 # -> benchmarks/out/rd_qat/seed0/
     python benchmarks/rd_qat.py --quick --out /tmp/rdq    # small task, ranks 2 8, ~1 min
     python benchmarks/rd_qat.py --summarize benchmarks/out/rd_qat/seed0 benchmarks/out/rd_qat/seed1
+
+``--testbed text`` runs the same protocol on testbed 2 (``rd_text.py``: byte-level Llama pretrained on
+stdlib code, adapters trained on docstrings), imported from there: rd_text's settings (ranks 4, 8,
+16, 200 steps of 16 windows, AdamW with 5% warmup then linear decay to 0, clipping at 1, ω = 100,
+lr = 3e-3, the same initial factors and windows as ``rd_text.train_adapter``; the PTQ arm's
+adapter is the one rd_text trains), its cached base (``--threads`` enters the cache key) and
+quality = held-out bits/byte of the patched base on the test docstrings (RD quality = −bpb)::
+
+    python benchmarks/rd_qat.py --testbed text --seed 0 --threads 1   # -> benchmarks/out/rd_qat/text-seed0/
+    python benchmarks/rd_qat.py --testbed text --quick --out /tmp/rdq-text
 """
 
 from __future__ import annotations
@@ -230,11 +240,17 @@ def bd_rows(points: list[RDPoint], anchor: str) -> list[dict]:
         return bd_table(kept, anchor=anchor, method=INTERP, errors="warn")
 
 
+def quality(r: dict) -> float:
+    """RD quality of one point: testbed 1's test accuracy (%), or testbed 2's negative held-out
+    bits/byte (``quality`` in the record)."""
+    return float(r.get("quality", r["accuracy"]))
+
+
 def analyse(records: list[dict]) -> dict:
     """BD tables: per bit width (curve = ranks), QAT vs PTQ per method and SineLoRA vs LoRA
     under QAT (and under PTQ, for reference)."""
     def pts(method: str, arm: str, label: str) -> list[RDPoint]:
-        return [RDPoint(label, str(r["bits"]), float(r["bytes"]), r["accuracy"])
+        return [RDPoint(label, str(r["bits"]), float(r["bytes"]), quality(r))
                 for r in records if r["method"] == method and r["arm"] == arm]
 
     res = {}
@@ -331,10 +347,44 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
     return summary
 
 
+def paired(runs: list[dict]) -> None:
+    """Testbed 2, where BD is often undefined (curves of 3 ranks whose quality ranges do not
+    overlap): QAT against PTQ at equal (method, rank, bits), files of nearly equal size. Per
+    (method, bits) and seed: mean Δ bits/byte over the ranks (QAT − PTQ, negative = QAT better),
+    how many ranks have a QAT file both smaller and better, and whether QAT's whole curve beats
+    PTQ's (its worst file scores below PTQ's best); then the bytes of QAT's smallest file that
+    beats PTQ's best, as a share of the PTQ file's bytes (a bound on the saving at that quality)."""
+    print("\nPaired QAT − PTQ at equal rank (testbed 2): mean Δbpb over ranks | ranks with a smaller and better "
+          "QAT file | dominance (QAT's smallest file beating PTQ's best, bytes as a share of PTQ's)")
+    for m in METHODS:
+        for b in sorted({r["bits"] for r in runs[0]["measurements"]}):
+            cells = []
+            for run_ in runs:
+                rr = [r for r in run_["measurements"] if r["method"] == m and r["bits"] == b]
+                ptq = {r["rank"]: r for r in rr if r["arm"] == "PTQ"}
+                qat = {r["rank"]: r for r in rr if r["arm"] == "QAT"}
+                ranks = sorted(set(ptq) & set(qat))
+                d = [qat[k]["bits_per_byte"] - ptq[k]["bits_per_byte"] for k in ranks]
+                wins = sum(qat[k]["bits_per_byte"] < ptq[k]["bits_per_byte"] and qat[k]["bytes"] < ptq[k]["bytes"]
+                           for k in ranks)
+                best_ptq = min(ptq.values(), key=lambda r: r["bits_per_byte"])
+                beat = [r for r in qat.values() if r["bits_per_byte"] < best_ptq["bits_per_byte"]]
+                dom = ""
+                if beat:
+                    q = min(beat, key=lambda r: r["bytes"])
+                    dom = f" r{q['rank']}<r{best_ptq['rank']} {q['bytes'] / best_ptq['bytes']:.2f}"
+                    if max(r["bits_per_byte"] for r in qat.values()) < best_ptq["bits_per_byte"]:
+                        dom += " all"
+                cells.append(f"{np.mean(d):+.4f} {wins}/{len(ranks)}{dom:16s}")
+            print(f"  {m:8s} {b}b: " + " | ".join(cells))
+
+
 def summarize(dirs: list[Path]) -> None:
     runs = [json.loads((d / "measurements.json").read_text()) for d in dirs]
     seeds = [r["settings"]["seed"] for r in runs]
-    print(f"BD-rate % | BD-acc points per bit width across seeds {seeds} (mean, spread = max - min)")
+    unit = "−bpb" if runs[0].get("testbed") == "rd_text" else "acc points"
+    qd = 4 if runs[0].get("testbed") == "rd_text" else 2  # decimals of BD-quality
+    print(f"BD-rate % | BD-quality ({unit}) per bit width across seeds {seeds} (mean, spread = max - min; * = a bd_table warning)")
     for title in runs[0]["bd"]:
         groups = []
         for r in runs:
@@ -345,25 +395,227 @@ def summarize(dirs: list[Path]) -> None:
             vals = []
             for r in runs:
                 row = next((x for x in r["bd"].get(title, []) if x["group"] == g), None)
-                vals.append(None if row is None else (row["bd_rate"], row["bd_quality"]))
+                vals.append(None if row is None else (row["bd_rate"], row["bd_quality"], bool(row["warnings"])))
             ok = [v for v in vals if v]
-            cells = " ".join(f"{v[0]:+8.2f} {v[1]:+7.2f}" if v else f"{'n/a':>16s}" for v in vals)
+            cells = " ".join(f"{v[0]:+8.2f} {v[1]:+8.{qd}f}{'*' if v[2] else ' '}" if v else f"{'n/a':>18s}"
+                             for v in vals)
             br, bq = np.array([v[0] for v in ok]), np.array([v[1] for v in ok])
-            print(f"  {title:24s} {g}b: {cells}   mean {br.mean():+8.2f} {bq.mean():+7.2f}   "
-                  f"spread {np.ptp(br):7.2f} {np.ptp(bq):6.2f}")
+            print(f"  {title:24s} {g}b: {cells}   mean {br.mean():+8.2f} {bq.mean():+8.{qd}f}   "
+                  f"spread {np.ptp(br):7.2f} {np.ptp(bq):7.{qd}f}")
+    if runs[0].get("testbed") == "rd_text":
+        paired(runs)
     for r in runs:
         print(f"seed {r['settings']['seed']} overhead (QAT/plain step time): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items()))
 
 
+# ==================================================================================================
+# Testbed 2 (rd_text.py): byte-level Llama on stdlib code, adapted to docstrings; held-out bits/byte
+# ==================================================================================================
+
+
+class TextRun:
+    """One testbed-2 adapter's training state, trained exactly as ``rd_text.train_adapter`` trains
+    it (AdamW, 5% warmup then linear decay to 0 over ``steps``, clipping at 1, the same random
+    windows in the same order), but resumable: the batches are drawn up front, indexed by step,
+    so a :meth:`fork` continues where the original was."""
+
+    def __init__(self, pm, lr: float, steps: int, batches: list[torch.Tensor]):
+        self.pm, self.lr, self.steps, self.batches = pm, lr, steps, batches
+        self.params = [p for p in pm.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        self.step = 0
+
+    def advance(self, n: int) -> tuple[float, float]:
+        """Train ``n`` steps; returns (seconds, last loss in nats)."""
+        import rd_text
+
+        self.pm.train()
+        loss = torch.tensor(float("nan"))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            # what rd_text.train_loop's LambdaLR sets before this step
+            mult = lr_schedule(self.step, self.steps, max(1, self.steps // 20), decay=True)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr * mult
+            loss = rd_text.lm_loss(self.pm, self.batches[self.step])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.step += 1
+        secs = time.perf_counter() - t0
+        self.pm.eval()
+        return secs, float(loss.item())
+
+    def fork(self) -> "TextRun":
+        twin = TextRun(copy.deepcopy(self.pm), self.lr, self.steps, self.batches)
+        twin.opt.load_state_dict(self.opt.state_dict())
+        twin.step = self.step
+        return twin
+
+
+def text_settings(a: argparse.Namespace):
+    """rd_text's default settings with this run's seed, ranks, steps and threads (the base-model
+    cache key depends on seed and threads only among these)."""
+    import rd_text
+
+    st = rd_text.quick_settings(a.seed) if a.quick else rd_text.Settings(seed=a.seed)
+    if a.ranks:
+        st.ranks = tuple(sorted(set(a.ranks)))
+    st.bits = tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)
+    if a.steps:
+        st.steps = a.steps
+    st.threads = a.threads
+    return st
+
+
+def evaluate_text_file(base, path: Path, test: torch.Tensor, digest: str) -> dict:
+    import rd_text
+
+    with deltacodec.apply(base, path, backend="torch"):
+        ev = rd_text.evaluate(base, test)
+    if weights_digest(base) != digest:
+        raise RuntimeError(f"{path}: the base weights changed after apply(...).remove()")
+    return ev
+
+
+def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.Tensor, st, a: argparse.Namespace,
+                  out: Path, digest: str) -> list[dict]:
+    """PTQ and QAT arms of one (method, rank) on testbed 2 (the protocol of :func:`run_cell`)."""
+    import rd_text
+    from peft import get_peft_model
+
+    from deltacodec.sinelora import enable_qat, export_sld, get_sinelora_model
+
+    omega = st.omegas[0] if method == "SineLoRA" else None
+    lr = st.lrs[0]
+    torch.manual_seed(st.seed * 1000 + rank)  # as rd_text.train_adapter: same initial A per rank
+    model = copy.deepcopy(base)
+    cfg = rd_text.adapter_config(method, rank, omega, st)
+    pm = get_peft_model(model, cfg) if method == "LoRA" else get_sinelora_model(model, cfg)
+    rng = np.random.default_rng([st.seed, 505])  # rd_text.train_adapter's window stream
+    L = st.model.context + 1
+    batches = [rd_text.random_windows(train, rng, st.batch, L) for _ in range(st.steps)]
+    run = TextRun(pm, lr, st.steps, batches)
+    switch = st.steps - a.qat_steps
+    t_pre, _ = run.advance(switch)
+    snap = run.fork()
+    t_plain, loss_plain = run.advance(a.qat_steps)
+    adir = out / "adapters" / f"{method}-r{rank}"
+    run.pm.save_pretrained(adir)
+    fp = rd_text.evaluate(run.pm, test)
+    sld = out / "sld"
+    sld.mkdir(parents=True, exist_ok=True)
+    common = {"method": method, "rank": rank, "omega": omega, "lr": lr, "steps": st.steps, "qat_steps": a.qat_steps,
+              "unquantized_bits_per_byte": fp["bits_per_byte"], "unquantized_accuracy": fp["accuracy"],
+              "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
+              "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
+    rows = []
+    for b in st.bits:
+        p = sld / f"{method}-r{rank}-b{b}-ptq.sld"
+        deltacodec.encode(adir, bits=b, out=p, force=True)
+        ev = evaluate_text_file(base, p, test, digest)
+        rows.append({**common, "arm": "PTQ", "bits": b, "bytes": os.path.getsize(p), "bits_per_byte": ev["bits_per_byte"],
+                     "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_plain,
+                     "phase_seconds": t_plain, "model_bits_per_byte": fp["bits_per_byte"]})
+    for b in st.bits:
+        q = snap.fork()
+        qs = enable_qat(q.pm, bits=b, refresh_every=a.refresh_every)
+        t_qat, loss_qat = q.advance(a.qat_steps)
+        p = sld / f"{method}-r{rank}-b{b}-qat.sld"
+        t0 = time.perf_counter()
+        export_sld(q.pm, p, force=True)
+        t_export = time.perf_counter() - t0
+        model_ev = rd_text.evaluate(q.pm, test)  # the QAT forward itself, after export
+        ev = evaluate_text_file(base, p, test, digest)
+        rows.append({**common, "arm": "QAT", "bits": b, "bytes": os.path.getsize(p), "bits_per_byte": ev["bits_per_byte"],
+                     "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_qat,
+                     "phase_seconds": t_qat, "model_bits_per_byte": model_ev["bits_per_byte"],
+                     "export_seconds": t_export, "refreshes": qs.refreshes})
+    log(f"{method} r={rank}: fp32 {fp['bits_per_byte']:.4f} bpb; " + ", ".join(
+        f"{r['arm']} {r['bits']}b {r['bits_per_byte']:.4f} ({r['bytes']} B)" for r in rows)
+        + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "
+        + "/".join(f"{r['phase_seconds'] / a.qat_steps:.3f}" for r in rows if r["arm"] == "QAT"))
+    return rows
+
+
+def print_text_tables(records: list[dict], bd: dict, st, a: argparse.Namespace) -> None:
+    print(f"\nQAT vs PTQ, testbed 2 (rd_text), seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
+          f"quantization-aware (refresh every {a.refresh_every}); held-out bits/byte (bytes), lower is better")
+    bits = list(st.bits)
+    print(f"{'method':8s} {'rank':>4s} {'fp32':>7s} " + " ".join(f"{f'PTQ {b}b':>16s} {f'QAT {b}b':>16s}" for b in bits))
+    for m in METHODS:
+        for rank in st.ranks:
+            rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
+            if not rr:
+                continue
+            fp = next(iter(rr.values()))["unquantized_bits_per_byte"]
+            cells = [f"{rr[(arm, b)]['bits_per_byte']:7.4f} ({rr[(arm, b)]['bytes']:>6d})" for b in bits
+                     for arm in ("PTQ", "QAT")]
+            print(f"{m:8s} {rank:>4d} {fp:7.4f} " + " ".join(cells))
+    print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-quality (−bpb)")
+    for title, rows in bd.items():
+        print(f"  {title}: " + ("; ".join(f"{r['group']}b {r['bd_rate']:+.2f}% | {r['bd_quality']:+.4f}"
+                                          + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
+    print("\nQAT phase time per step / plain phase time per step (same process): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in overhead(records).items()))
+
+
+def run_text(a: argparse.Namespace, out: Path) -> dict:
+    import rd_text
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    st = text_settings(a)
+    torch.set_num_threads(st.threads)
+    torch.manual_seed(st.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    streams = rd_text.build_corpus(st.corpus)
+    base_path, base_info = rd_text.load_or_pretrain_base(st, a.cache_dir, streams)
+    base = rd_text.load_base(base_path)
+    test = rd_text.windows(streams["test"], st.n_test, st.model.context + 1)
+    digest = weights_digest(base)
+    records: list[dict] = []
+    summary = {"testbed": "rd_text",
+               "settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch, "ranks": list(st.ranks),
+                            "bits": list(st.bits), "qat_steps": a.qat_steps, "refresh_every": a.refresh_every,
+                            "threads": st.threads, "omega": st.omegas[0], "lr": st.lrs[0], "n_test": st.n_test},
+               "base": {**base_info, "path": str(base_path)}}
+    for rank in st.ranks:
+        for m in METHODS:
+            records += run_text_cell(base, m, rank, streams["train"], test, st, a, out, digest)
+            summary["measurements"] = records
+            (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
+    summary["bd"] = analyse(records)
+    summary["overhead"] = overhead(records)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
+    with open(out / "rd_qat.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "group", "rate", "quality"])
+        for r in records:
+            w.writerow([f"{r['method']}-{r['arm']}", r["bits"], r["bytes"], f"{r['quality']:.4f}"])
+    print_text_tables(records, summary["bd"], st, a)
+    print(f"\ntotal {summary['total_seconds']:.0f} s; outputs in {out}")
+    return summary
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--testbed", choices=("cipher", "text"), default="cipher",
+                   help="cipher: rd_experiment.py's testbed 1 (default); text: rd_text.py's testbed 2 "
+                   "(ranks 4 8 16, 200 steps, held-out bits/byte)")
     p.add_argument("--out", type=Path)
-    p.add_argument("--quick", action="store_true", help="rd_experiment's quick task, ranks 2 8, 100 steps")
-    p.add_argument("--ranks", type=int, nargs="+", help="default 1 2 4 8 16")
+    p.add_argument("--quick", action="store_true", help="testbed 1: rd_experiment's quick task, ranks 2 8, 100 steps; "
+                   "text: rd_text's quick model and corpus, ranks 2 4 8, 80 steps")
+    p.add_argument("--ranks", type=int, nargs="+", help="default 1 2 4 8 16 (text: 4 8 16)")
     p.add_argument("--bits", type=int, nargs="+", help="default 1 2 3")
-    p.add_argument("--steps", type=int, help="total training steps of every arm (default 500; quick 100)")
+    p.add_argument("--steps", type=int, help="total training steps of every arm (default 500, quick 100; text 200, quick 80)")
     p.add_argument("--qat-fraction", type=float, default=0.25, help="share of the steps trained with QAT (0.25)")
     p.add_argument("--refresh-every", type=int, default=1, help="codebook refit period in steps (1)")
     p.add_argument("--decay-last", action="store_true",
@@ -382,6 +634,15 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.summarize:
         summarize(a.summarize)
+        return 0
+    if a.testbed == "text":
+        if a.overhead or a.decay_last:
+            print("rd_qat.py: error: --overhead and --decay-last are testbed-1 options", file=sys.stderr)
+            return 2
+        steps = a.steps or (80 if a.quick else 200)
+        a.qat_steps = max(1, int(round(steps * a.qat_fraction)))
+        a.cache_dir.mkdir(parents=True, exist_ok=True)
+        run_text(a, a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"text-seed{a.seed}{'-quick' if a.quick else ''}")
         return 0
     st = quick_settings(a.seed) if a.quick else Settings(seed=a.seed)
     st.bits = tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)

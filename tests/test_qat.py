@@ -352,3 +352,43 @@ def test_rd_qat_quick_run(tmp_path):
             assert r["accuracy"] == r["model_accuracy"]
             assert r["qat_steps"] == 10 and r["steps"] == 40
     assert (out / "rd_qat.csv").read_text().startswith("method,group,rate,quality")
+
+
+@pytest.mark.slow
+def test_rd_qat_text_quick_run(tmp_path):
+    """benchmarks/rd_qat.py --testbed text on rd_text's quick model: every arm writes its point;
+    each QAT file patched onto the base scores the QAT model's own held-out bits/byte up to float32
+    rounding; the PTQ arm's unquantized adapter is the one rd_text.py trains with the same
+    settings (bit for bit: equal test bits/byte)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("bjontegaard")
+    repo = Path(__file__).resolve().parents[1]
+    out, ref = tmp_path / "rdq", tmp_path / "rdt"
+    common = ["--quick", "--ranks", "2", "--bits", "1", "2", "--steps", "12", "--threads", "1",
+              "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run([sys.executable, "benchmarks/rd_qat.py", "--testbed", "text", *common, "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "measurements.json").read_text())["measurements"]
+    assert sorted((r["method"], r["arm"], r["bits"]) for r in rows) == sorted(
+        (m, a, b) for m in ("LoRA", "SineLoRA") for a in ("PTQ", "QAT") for b in (1, 2))
+    for r in rows:
+        assert r["quality"] == -r["bits_per_byte"]
+        if r["arm"] == "QAT":
+            # The file holds exactly the factors of the QAT forward pass (export_sld checks it bit
+            # for bit); apply merges ΔW into W while PEFT adds the low-rank path, so the float32
+            # logits differ in rounding only: ~1e-7 bpb in the full runs, 1e-5 leaves margin.
+            assert abs(r["bits_per_byte"] - r["model_bits_per_byte"]) < 1e-5
+            assert r["qat_steps"] == 3 and r["steps"] == 12
+    proc = subprocess.run([sys.executable, "benchmarks/rd_text.py", *common, "--out", str(ref)],
+                          cwd=repo, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = {(a["method"], a["rank"]): a["test"]["bits_per_byte"]
+               for a in json.loads((ref / "measurements.json").read_text())["adapters"]}
+    for r in rows:
+        assert r["unquantized_bits_per_byte"] == trained[(r["method"], r["rank"])]
+    assert (out / "rd_qat.csv").read_text().startswith("method,group,rate,quality")
