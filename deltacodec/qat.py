@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -59,6 +60,8 @@ from .errors import AdapterError, EncodeError, preview
 from .layouts import read as _read_layout
 from .layouts.base import Adapter, Source
 from .quantize import QUANTIZERS, quantize
+
+RATE_QUANTIZERS = ("ecsq", "auto")  # the codec's rate-controlled quantizers (bits_per_param)
 
 __all__ = ["enable_qat", "disable_qat", "refresh_qat", "qat_enabled", "quantized_factors", "export_sld", "QatState"]
 
@@ -82,6 +85,19 @@ class _NearestSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _FixedSTE(torch.autograd.Function):
+    """Forward: the values the codec's file holds for this factor (set at the last refresh).
+    Backward: the identity (straight-through estimator) to the latent weight."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
+        return grad, None
+
+
 class FactorQuantizer(nn.Module):
     """The parametrization of one ``lora_A``/``lora_B`` weight: latent (any shape, float32) →
     its quantized value, same shape and dtype.
@@ -100,6 +116,9 @@ class FactorQuantizer(nn.Module):
         k = 1 << bits
         self.register_buffer("codebook", torch.zeros(k, dtype=torch.float32), persistent=False)
         self.register_buffer("mids", torch.zeros(k - 1, dtype=torch.float64), persistent=False)
+        # rate-controlled mode: the decoded values of the whole factor, from an encode of the
+        # whole adapter at the last refresh (ECSQ's cells depend on every module, through λ)
+        self.coded: torch.Tensor | None = None
 
     def refit(self, latent: torch.Tensor) -> None:
         """Codebook := the codec's quantizer run on ``latent`` (detached); float16 mode off."""
@@ -112,7 +131,12 @@ class FactorQuantizer(nn.Module):
         self.stored = (q.codebook_f16, float(q.codebook_scale))
         self.raw_f16 = False
 
+    def set_coded(self, values: np.ndarray, device: torch.device) -> None:
+        self.coded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.coded is not None:
+            return _FixedSTE.apply(w, self.coded.reshape(w.shape))
         return _NearestSTE.apply(w, self.codebook, self.mids, self.raw_f16)
 
 
@@ -120,7 +144,7 @@ class FactorQuantizer(nn.Module):
 class QatState:
     """What :func:`enable_qat` attached to a model (``model._deltacodec_qat``)."""
 
-    bits: int
+    bits: int | None
     quantizer: str
     refresh_every: int
     adapter: str
@@ -129,6 +153,7 @@ class QatState:
     since_refresh: int = 0
     refreshes: int = 0
     hook: Any = field(default=None, repr=False)
+    bits_per_param: float | None = None  # rate-controlled mode (ecsq/auto): the file's bits/param
 
 
 def _tuner_layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
@@ -192,9 +217,10 @@ def _state(model: nn.Module, what: str) -> QatState:
 
 def enable_qat(
     model: nn.Module,
-    bits: int = 3,
+    bits: int | None = None,
     *,
-    quantizer: str = "kmeans",
+    bits_per_param: float | None = None,
+    quantizer: str | None = None,
     refresh_every: int = 1,
     adapter_name: str | None = None,
 ) -> QatState:
@@ -206,14 +232,32 @@ def enable_qat(
     same objects, so an optimizer built before this call keeps working. ``bits``: 1..8;
     ``quantizer``: ``"kmeans"`` (the codec's default) or ``"uniform"``; the codebooks are refitted
     now and then every ``refresh_every`` training-mode forward calls of ``model`` (micro-batches).
+
+    ``bits_per_param`` instead (the default bits are 3): the rate-controlled codec, ``quantizer``
+    ``"ecsq"`` (default) or ``"auto"``. Its quantization of a factor depends on every module (one
+    allocation for the adapter), so each refresh encodes the whole latent adapter at that target
+    and the forward pass uses the file's decoded factors until the next refresh (every forward
+    call by default: an encode per step, measured on small adapters only).
     Returns the state (also at ``model._deltacodec_qat``). Raises :class:`AdapterError` for a
     model without LoRA layers (or with non-linear ones, or non-float32 factors) and
     :class:`EncodeError` for bad options or when QAT is already on.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise EncodeError(f"QAT bits must be an integer 1..8 (a 2**bits-entry codebook), got {bits!r}")
-    if quantizer not in QUANTIZERS:
-        raise EncodeError(f"unknown QAT quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS)}")
+    if bits is not None and bits_per_param is not None:
+        raise EncodeError("give bits or bits_per_param, not both")
+    if bits_per_param is not None:
+        if isinstance(bits_per_param, bool) or not isinstance(bits_per_param, (int, float)) or not (
+                0 < bits_per_param < float("inf")):
+            raise EncodeError(f"bits_per_param must be a positive finite number, got {bits_per_param!r}")
+        quantizer = "ecsq" if quantizer is None else quantizer
+        if quantizer not in RATE_QUANTIZERS:
+            raise EncodeError(f"a bits_per_param target needs quantizer {' or '.join(RATE_QUANTIZERS)}, got {quantizer!r}")
+    else:
+        bits = 3 if bits is None else bits
+        quantizer = "kmeans" if quantizer is None else quantizer
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise EncodeError(f"QAT bits must be an integer 1..8 (a 2**bits-entry codebook), got {bits!r}")
+        if quantizer not in QUANTIZERS:
+            raise EncodeError(f"unknown QAT quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS)}")
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise EncodeError(f"refresh_every must be a positive integer (forward calls), got {refresh_every!r}")
     if qat_enabled(model):
@@ -231,9 +275,10 @@ def enable_qat(
         for s, lin in zip("AB", _factor_modules(layer, adapter)):
             if parametrize.is_parametrized(lin, "weight"):
                 raise EncodeError(f"{name}.lora_{s}.weight already has a parametrization")
-            fq = FactorQuantizer(bits, quantizer, f"{name}.lora_{s}.weight").to(lin.weight.device)
+            fq = FactorQuantizer(bits or 1, quantizer if bits else "kmeans", f"{name}.lora_{s}.weight").to(lin.weight.device)
             parametrize.register_parametrization(lin, "weight", fq, unsafe=True)
-    st = QatState(bits=bits, quantizer=quantizer, refresh_every=refresh_every, adapter=adapter, layers=layers)
+    st = QatState(bits=bits if bits_per_param is None else None, quantizer=quantizer, refresh_every=refresh_every,
+                  adapter=adapter, layers=layers, bits_per_param=bits_per_param)
 
     def pre_hook(module: nn.Module, args: Any) -> None:
         if module.training:
@@ -252,9 +297,13 @@ def refresh_qat(model: nn.Module) -> None:
     """Refit every codebook on the current latent factors now (float16 mode off everywhere)."""
     st = _state(model, "refresh_qat")
     with torch.no_grad():
-        for layer in st.layers.values():
-            for lin in _factor_modules(layer, st.adapter):
-                _quantizer(lin).refit(_latent(lin))
+        if st.bits_per_param is not None:
+            with tempfile.TemporaryDirectory(prefix="deltacodec-qat-") as d:
+                _adopt_coded(model, st, _encode_latent(model, st, os.path.join(d, "refresh.sld"), force=False))
+        else:
+            for layer in st.layers.values():
+                for lin in _factor_modules(layer, st.adapter):
+                    _quantizer(lin).refit(_latent(lin))
     st.since_refresh = 0
     st.refreshes += 1
 
@@ -328,6 +377,20 @@ def export_sld(model: nn.Module, path: str | os.PathLike[str], *, force: bool = 
     ``path`` is refused unless ``force`` (:class:`OutputError`).
     """
     st = _state(model, "export_sld")
+    if st.bits_per_param is not None:
+        # the file *is* the refresh: the forward adopts its decoded factors, so they agree by construction
+        with torch.no_grad():
+            out = _encode_latent(model, st, path, force=force, level=level)
+            try:
+                _adopt_coded(model, st, out)
+            except BaseException:
+                try:
+                    os.remove(out)
+                except OSError:
+                    pass
+                raise
+        st.since_refresh = 0
+        return out
     refresh_qat(model)
     adapter, layers = _latent_adapter(model, st)
     # refit=False: k-means at fixed bits quantizes each factor on its own (B is not refitted against
@@ -342,6 +405,30 @@ def export_sld(model: nn.Module, path: str | os.PathLike[str], *, force: bool = 
             pass
         raise
     return out
+
+
+def _encode_latent(model: nn.Module, st: QatState, path: str | os.PathLike[str], *, force: bool,
+                   level: int = DEFAULT_LEVEL) -> str:
+    """The latent adapter encoded at the rate-controlled target (what refresh and export share)."""
+    adapter, _ = _latent_adapter(model, st)
+    return encode(adapter, out=path, bits_per_param=st.bits_per_param, quantizer=st.quantizer, level=level,
+                  force=force)
+
+
+def _adopt_coded(model: nn.Module, st: QatState, path: str) -> None:
+    """Every factor's forward values := what the file at ``path`` decodes to."""
+    f = load(path)
+    _, layers = _latent_adapter(model, st)
+    seen = set()
+    for m in f.modules:
+        A, B = f.dequantize(m.name)
+        layer = layers[m.name]
+        for values, lin in zip((A, B), _factor_modules(layer, st.adapter)):
+            _quantizer(lin).set_coded(values, _latent(lin).device)
+        seen.add(m.name)
+    missing = sorted(set(layers) - seen)
+    if missing:
+        raise EncodeError(f"{path}: no factors for {preview(missing, limit=3)}")
 
 
 def _adopt_and_check(f: Any, layers: dict[str, nn.Module], st: QatState) -> None:

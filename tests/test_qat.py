@@ -392,3 +392,60 @@ def test_rd_qat_text_quick_run(tmp_path):
     for r in rows:
         assert r["unquantized_bits_per_byte"] == trained[(r["method"], r["rank"])]
     assert (out / "rd_qat.csv").read_text().startswith("method,group,rate,quality")
+
+
+# ---------------------------------------------------------------------------------------------
+# rate-controlled QAT: bits_per_param with the codec's ecsq/auto
+
+
+@pytest.mark.parametrize("method", ["lora", "sine"])
+def test_rate_controlled_forward_is_what_the_codec_writes_and_export_is_exact(method, tmp_path):
+    pm = peft_model(method)
+    pm.save_pretrained(str(tmp_path / "latent"))  # the latent factors as PEFT saves them
+    a = deltacodec.read_adapter(str(tmp_path / "latent"))
+    # save_pretrained's config differs from the live one in bookkeeping keys (inference_mode,
+    # auto_mapping), which changes the header's size and so the allocation: take the live config
+    a.config = qat._plain(pm.peft_config["default"].to_dict())
+    ref = deltacodec.load(deltacodec.encode(a, bits_per_param=8.0, quantizer="ecsq", out=str(tmp_path / "ref.sld")))
+    qat.enable_qat(pm, bits_per_param=8.0)
+    got = qat.quantized_factors(pm)
+    for m in ref.modules:  # independent: the codec run on what save_pretrained wrote
+        name = m.name
+        A, B = ref.dequantize(name)
+        qa, qb = got[name]
+        assert np.array_equal(qa.numpy(), A) and np.array_equal(qb.numpy(), B), name
+    before = {n: (latent(a).detach().clone(), latent(b).detach().clone()) for n, a, b in lora_linears(pm)}
+    train_steps(pm, 3)
+    moved = [n for n, a, b in lora_linears(pm) if not torch.equal(latent(a), before[n][0])]
+    assert moved  # straight-through gradients reach the latent factors
+    out = qat.export_sld(pm, str(tmp_path / "qat.sld"))
+    f = deltacodec.load(out)
+    assert f.version == 2 and 8.0 * f.file_size / sum(m.rank * (m.in_features + m.out_features) for m in f.modules) <= 8.0
+    now = qat.quantized_factors(pm)
+    for m in f.modules:
+        A, B = f.dequantize(m.name)
+        assert np.array_equal(now[m.name][0].numpy(), A) and np.array_equal(now[m.name][1].numpy(), B)
+    x = ids(7)
+    with torch.no_grad():
+        want = pm(input_ids=x).logits
+    qat.disable_qat(pm)
+    plain = peft_model(method)
+    with torch.no_grad():  # a plain PEFT model holding the file's factors gives the QAT forward's logits
+        for (n, a, b) in lora_linears(plain):
+            A, B = f.dequantize(n)
+            a.weight.copy_(torch.from_numpy(A))
+            b.weight.copy_(torch.from_numpy(B))
+        assert torch.equal(plain(input_ids=x).logits, want)
+
+
+@pytest.mark.parametrize("kw,why", [
+    ({"bits": 3, "bits_per_param": 2.0}, "not both"),
+    ({"bits_per_param": 2.0, "quantizer": "kmeans"}, "ecsq or auto"),
+    ({"bits_per_param": float("nan")}, "positive finite"),
+    ({"bits_per_param": 0}, "positive finite"),
+])
+def test_rate_controlled_options_are_checked(kw, why):
+    pm = peft_model("lora")
+    with pytest.raises(EncodeError, match=why):
+        qat.enable_qat(pm, **kw)
+    assert not qat.qat_enabled(pm)
