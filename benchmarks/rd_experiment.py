@@ -49,7 +49,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -746,14 +745,7 @@ def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
     """The whole pipeline for one seed; writes every output file into ``out``; returns the summary.
     ``arms``: extra encoder arms (``rdlib.Arm``, k-means excluded) measured on the same adapters
     after the default measurement, rate-controlled ones at ``bpps`` bits/param."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    # PEFT calls a transformers method that transformers 5 marks deprecated: noise, not ours.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    torch.set_num_threads(st.threads)
-    torch.manual_seed(st.seed)
+    rdlib.start_run(st.threads, st.seed)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import deltacodec  # noqa: E402
 from deltacodec.analysis import RDPoint, bd_table  # noqa: E402
+import rdlib  # noqa: E402
 from rd_experiment import (  # noqa: E402
     Settings,
     accuracy,
@@ -299,13 +300,7 @@ def overhead(records: list[dict]) -> dict:
 
 
 def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    torch.set_num_threads(st.threads)
-    torch.manual_seed(st.seed)
+    rdlib.start_run(st.threads, st.seed)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     pre_tables, new_tables = make_tables(st.task, st.seed)
@@ -333,6 +328,12 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
             records += run_cell(base, m, rank, data, st, a, out, digest)
             summary["measurements"] = records
             (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
+    return finish(records, summary, out, t_start, "accuracy", lambda bd: print_tables(records, bd, st, a))
+
+
+def finish(records: list[dict], summary: dict, out: Path, t_start: float, quality: str, print_tables_of) -> dict:
+    """A testbed run's end: BD and overhead into the summary, measurements.json and rd_qat.csv
+    (``sld bd`` format, quality = ``records[i][quality]``) written, the tables printed."""
     summary["bd"] = analyse(records)
     summary["overhead"] = overhead(records)
     summary["total_seconds"] = time.perf_counter() - t_start
@@ -341,8 +342,8 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
         w = csv.writer(fh)
         w.writerow(["method", "group", "rate", "quality"])
         for r in records:
-            w.writerow([f"{r['method']}-{r['arm']}", r["bits"], r["bytes"], f"{r['accuracy']:.4f}"])
-    print_tables(records, summary["bd"], st, a)
+            w.writerow([f"{r['method']}-{r['arm']}", r["bits"], r["bytes"], f"{r[quality]:.4f}"])
+    print_tables_of(summary["bd"])
     print(f"\ntotal {summary['total_seconds']:.0f} s; outputs in {out}")
     return summary
 
@@ -564,14 +565,9 @@ def print_text_tables(records: list[dict], bd: dict, st, a: argparse.Namespace) 
 
 def run_text(a: argparse.Namespace, out: Path) -> dict:
     import rd_text
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     st = text_settings(a)
-    torch.set_num_threads(st.threads)
-    torch.manual_seed(st.seed)
+    rdlib.start_run(st.threads, st.seed)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     streams = rd_text.build_corpus(st.corpus)
@@ -590,18 +586,7 @@ def run_text(a: argparse.Namespace, out: Path) -> dict:
             records += run_text_cell(base, m, rank, streams["train"], test, st, a, out, digest)
             summary["measurements"] = records
             (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
-    summary["bd"] = analyse(records)
-    summary["overhead"] = overhead(records)
-    summary["total_seconds"] = time.perf_counter() - t_start
-    (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
-    with open(out / "rd_qat.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "group", "rate", "quality"])
-        for r in records:
-            w.writerow([f"{r['method']}-{r['arm']}", r["bits"], r["bytes"], f"{r['quality']:.4f}"])
-    print_text_tables(records, summary["bd"], st, a)
-    print(f"\ntotal {summary['total_seconds']:.0f} s; outputs in {out}")
-    return summary
+    return finish(records, summary, out, t_start, "quality", lambda bd: print_text_tables(records, bd, st, a))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,7 +47,6 @@ import os
 import sys
 import sysconfig
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -619,13 +618,7 @@ def reused_grid(out: Path, st: Settings) -> tuple[list[TrainedAdapter], float]:
 def run(st: Settings, out: Path, cache_dir: Path, reuse: bool = False) -> dict:
     """The whole pipeline for one seed; writes every output file into ``out``; returns the summary.
     ``reuse``: take the trained adapters from an earlier run in ``out`` (see :func:`reused_grid`)."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    torch.set_num_threads(st.threads)
-    torch.manual_seed(st.seed)
+    rdlib.start_run(st.threads, st.seed)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

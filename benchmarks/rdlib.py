@@ -47,6 +47,19 @@ def make_logger(tag: str):
     return log
 
 
+def start_run(threads: int, seed: int) -> None:
+    """What every training run sets first: quiet transformers logs, torch threads and seed."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # PEFT calls a transformers method that transformers 5 marks deprecated: noise, not ours.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
 def lr_schedule(step: int, steps: int, warmup: int, decay: bool = True) -> float:
     """Multiplier of the base learning rate: linear warmup, then linear decay to 0 (or constant)."""
     if step < warmup:

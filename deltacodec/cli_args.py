@@ -12,14 +12,19 @@ __all__ = ["size_arg", "gamma_arg", "finite_arg", "positive_arg", "int_range_arg
            "limit_help"]
 
 
+def _float(text: str) -> float:
+    """``float(text)``, NaN for text that is not a number (each caller refuses NaN)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def gamma_arg(text: str) -> float | str:
     """γ for --gamma: a positive finite number, or 'sqrt-in' (γ = sqrt(in_features))."""
     if text == "sqrt-in":
         return text
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
+    v = _float(text)
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"gamma must be a positive finite number or 'sqrt-in', got '{text}'")
     return v
@@ -30,10 +35,7 @@ def finite_arg(what: str, *, nonzero: bool = False) -> Callable[[str], float]:
     option named ``what``."""
 
     def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
+        v = _float(text)
         if not math.isfinite(v) or (nonzero and v == 0):
             kind = "a finite non-zero number" if nonzero else "a finite number"
             raise argparse.ArgumentTypeError(f"{what} must be {kind}, got '{text}'")
@@ -47,10 +49,7 @@ def positive_arg(what: str) -> Callable[[str], float]:
     """A parser of positive finite floats for the option named ``what`` (rate targets)."""
 
     def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
+        v = _float(text)
         if not (math.isfinite(v) and v > 0):
             raise argparse.ArgumentTypeError(f"{what} must be a positive finite number, got '{text}'")
         return v

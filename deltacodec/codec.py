@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -536,12 +536,6 @@ def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(values, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
 
 
-def _chunks(f: SldFile, e: TensorEntry) -> Iterable[np.ndarray]:
-    """The decoded values of one tensor in row-major pieces of bounded size (the reader streams
-    the section: neither the tensor nor its payload is ever held whole)."""
-    return f.iter_chunks(e)
-
-
 def decode(
     path: str | os.PathLike[str] | SldFile,
     out: str | os.PathLike[str] | None = None,
@@ -602,8 +596,8 @@ def decode(
     for m in f.modules:
         for e in (m.A, m.B):
             where = f"{f.path}: tensor '{e.name}'"
-            add(e, TensorSpec(target, e.shape, lambda e=e, w=where: (_to_dtype(c, target, w) for c in _chunks(f, e))))
+            add(e, TensorSpec(target, e.shape, lambda e=e, w=where: (_to_dtype(c, target, w) for c in f.iter_chunks(e))))
     for e in f.tensors:
         stored = e.dtype or "F32"  # a codebook-coded extra decodes to float32
-        add(e, TensorSpec(stored, e.shape, lambda e=e, d=stored: (_stored(c, d) for c in _chunks(f, e))))
+        add(e, TensorSpec(stored, e.shape, lambda e=e, d=stored: (_stored(c, d) for c in f.iter_chunks(e))))
     return write_decoded(f, out, specs, force=force, inputs=[f.path], progress=progress)

@@ -64,6 +64,7 @@ __all__ = [
     "TensorEntry",
     "ModuleEntry",
     "SldFile",
+    "open_sld",
     "build_container",
     "dequantize_codebook",
     "MAX_HEADER_BYTES",
@@ -702,6 +703,21 @@ class SldFile:
         )
 
 
+def open_sld(source: "str | os.PathLike[str] | SldFile", max_decoded_bytes: int | None = None) -> SldFile:
+    """``source`` opened (a path) or taken as it is (an open :class:`SldFile`), held either way to
+    ``max_decoded_bytes`` (:class:`SldLimitError` when it decodes to more)."""
+    if not isinstance(source, SldFile):
+        return SldFile(os.fspath(source), max_decoded_bytes=max_decoded_bytes)
+    if max_decoded_bytes is not None and source.decoded_nbytes > max_decoded_bytes:
+        raise SldLimitError(
+            f"{source.path}: decoding needs {source.decoded_nbytes:,} bytes, over the limit of "
+            f"{max_decoded_bytes:,} (max_decoded_bytes)",
+            limit=max_decoded_bytes,
+            requested=source.decoded_nbytes,
+        )
+    return source
+
+
 def _check_preamble(path: str, pre: bytes, file_size: int) -> int:
     """Section 7.2 steps 1-4, on whatever bytes exist: magic, version, preamble length, H."""
     n = len(pre)
@@ -865,13 +881,7 @@ def serialize_unchecked(
         m.update(place(t))
         extras.append(m)
     header = {"metadata": metadata, "modules": mods, "tensors": extras}
-    try:
-        packed = msgpack.packb(header, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"{name}: the header cannot be written as msgpack: {exc}") from None
-    hdr = zstandard_compress_header(packed)
-    pre = _PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr))
-    return b"".join([pre, hdr, *sections])
+    return _assemble(header, VERSION, sections, name)
 
 
 def zstandard_compress_header(packed: bytes) -> bytes:
@@ -985,10 +995,15 @@ def serialize_v2(
         crc = zlib.crc32(sec, crc)
     header = {"metadata": metadata, "defaults": defaults, "lanes": int(lanes), "crc32": crc, "modules": mods,
               "tensors": extras}
+    return _assemble(header, VERSION_2, sections, name)
+
+
+def _assemble(header: dict[str, Any], version: int, sections: list[bytes], name: str) -> bytes:
+    """Preamble, the compressed msgpack header and the sections, back to back."""
     try:
         packed = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"{name}: the header cannot be written as msgpack: {exc}") from None
     hdr = zstandard_compress_header(packed)
-    pre = _PREAMBLE.pack(MAGIC, VERSION_2, len(hdr), zlib.crc32(hdr))
+    pre = _PREAMBLE.pack(MAGIC, version, len(hdr), zlib.crc32(hdr))
     return b"".join([pre, hdr, *sections])

@@ -16,7 +16,6 @@ side information.
 
 from __future__ import annotations
 
-import gc
 import math
 from typing import Any
 
@@ -25,7 +24,6 @@ from .header import (
     MAX_DIM,
     MAX_ENTRIES,
     MAX_NAME_BYTES,
-    MAX_NDIM,
     MAX_NUMEL,
     RAW_DTYPES,
     COMPRESSIONS,
@@ -41,6 +39,7 @@ from .header import (
     bound_problem,
     coefficient_problem,
     name_problem,
+    run_parser,
     show,
 )
 from .sideinfo import SideInfoError, read_fields, read_quant
@@ -240,13 +239,8 @@ class _ParserV2(_Parser):
         if sine:
             omega = self.real(vals["omega"][1], "omega", where)
             gamma = self.real(vals["gamma"][1], "gamma", where)
-            if omega == 0:
-                raise self.fail(f"{where}.omega", "a sine module needs a non-zero omega")
-            if not gamma > 0:
-                raise self.fail(f"{where}.gamma", f"{gamma} must be > 0")
-        fifo = vals["fan_in_fan_out"][0]
-        if type(fifo) is not bool:
-            raise self.fail(f"{where}.fan_in_fan_out", f"expected bool, got {_tname(fifo)}")
+            self.sine_coefficients(omega, gamma, where)
+        fifo = self.fan_in_fan_out(vals["fan_in_fan_out"][0], where)
         if rank * in_f > MAX_NUMEL or out_f * rank > MAX_NUMEL:
             n = max(rank * in_f, out_f * rank)
             raise self.limit(f"{where}.shape", f"{n:,} elements, over the limit of {MAX_NUMEL:,}", MAX_NUMEL, n)
@@ -289,17 +283,7 @@ class _ParserV2(_Parser):
         if "shape" not in d:
             raise self.fail(where, "missing key 'shape'")
         shape = d["shape"]
-        if type(shape) is not list:
-            raise self.fail(f"{where}.shape", f"expected array, got {_tname(shape)}")
-        if not 1 <= len(shape) <= MAX_NDIM:
-            raise self.fail(f"{where}.shape", f"has {len(shape)} dimensions, expected 1..{MAX_NDIM}")
-        numel = 1
-        for dim in shape:
-            if type(dim) is not int or not 1 <= dim <= MAX_DIM:
-                raise self.fail(f"{where}.shape", f"dimension {show(dim)} is not an int in [1, {MAX_DIM}]")
-            numel *= dim
-        if numel > MAX_NUMEL:
-            raise self.limit(f"{where}.shape", f"{numel:,} elements, over the limit of {MAX_NUMEL:,}", MAX_NUMEL, numel)
+        self.shape_numel(shape, where)
         for k in d:
             if k not in _EXTRA_KEYS:
                 raise self.fail(where, f"unknown key {show(k)}")
@@ -354,11 +338,5 @@ class _ParserV2(_Parser):
 
 def parse_header_v2(decoded: bytes, label: str) -> Header:
     """Parse and validate a version-2 decoded header (msgpack bytes); like ``parse_header``."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _ParserV2(decoded, label).run()
-    finally:
-        if enabled:
-            gc.enable()
+    return run_parser(_ParserV2, decoded, label)
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Collection, Iterator
 
 import numpy as np
 
-from .errors import ApplyError, DeltacodecWarning, SldError, SldLimitError, preview
-from .format import ModuleEntry, SldFile, TensorEntry
+from .errors import ApplyError, DeltacodecWarning, SldError, preview
+from .format import ModuleEntry, SldFile, TensorEntry, open_sld
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -770,17 +770,7 @@ def apply(
 
     from . import kernels
 
-    if isinstance(source, SldFile):
-        f = source
-        if max_decoded_bytes is not None and f.decoded_nbytes > max_decoded_bytes:
-            raise SldLimitError(
-                f"{f.path}: decoding needs {f.decoded_nbytes:,} bytes, over the limit of "
-                f"{max_decoded_bytes:,} (max_decoded_bytes)",
-                limit=max_decoded_bytes,
-                requested=f.decoded_nbytes,
-            )
-    else:
-        f = SldFile(source, max_decoded_bytes=max_decoded_bytes)
+    f = open_sld(source, max_decoded_bytes)
 
     try:
         res = _resolve(model, f)

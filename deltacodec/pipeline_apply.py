@@ -30,11 +30,10 @@ UNet's modules also answer to their names in the original Stable Diffusion UNet
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
-from .errors import ApplyError, SldLimitError, preview
-from .format import SldFile
+from .errors import ApplyError, preview
+from .format import SldFile, open_sld
 from .layouts import diffusers as dl
 from .layouts import kohya as kl
 from .layouts.sgm_names import sgm_name, unet_structure
@@ -48,19 +47,6 @@ def is_pipeline(obj: Any) -> bool:
     import torch
 
     return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "components", None), dict)
-
-
-def _open(source: Any, max_decoded_bytes: int | None) -> SldFile:
-    if isinstance(source, SldFile):
-        if max_decoded_bytes is not None and source.decoded_nbytes > max_decoded_bytes:
-            raise SldLimitError(
-                f"{source.path}: decoding needs {source.decoded_nbytes:,} bytes, over the limit of "
-                f"{max_decoded_bytes:,} (max_decoded_bytes)",
-                limit=max_decoded_bytes,
-                requested=source.decoded_nbytes,
-            )
-        return source
-    return SldFile(os.fspath(source), max_decoded_bytes=max_decoded_bytes)
 
 
 def _kohya_stem(name: str) -> str:
@@ -317,7 +303,7 @@ def apply_component(model: Any, source: Any, component: str, **kwargs: Any) -> A
     (e.g. ``"text_encoder_2"``) only, for a model that matches several components' entries."""
     from .patch import apply
 
-    f = _open(source, kwargs.get("max_decoded_bytes"))
+    f = open_sld(source, kwargs.get("max_decoded_bytes"))
     kind = _names_kind(f)
     if kind is None:
         raise ApplyError(f"{f.path}: its module names carry no pipeline component: apply it to the model directly")
@@ -332,7 +318,7 @@ def route(model: Any, source: Any, *, max_decoded_bytes: int | None = None, stri
     if getattr(model, "_deltacodec_view", False):
         return model, source  # a view built here already
     pipeline = is_pipeline(model)
-    f = _open(source, max_decoded_bytes)
+    f = open_sld(source, max_decoded_bytes)
     kind = _names_kind(f)
     if not pipeline:
         if kind is None:

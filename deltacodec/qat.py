@@ -46,7 +46,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -299,7 +299,7 @@ def refresh_qat(model: nn.Module) -> None:
     with torch.no_grad():
         if st.bits_per_param is not None:
             with tempfile.TemporaryDirectory(prefix="deltacodec-qat-") as d:
-                _adopt_coded(model, st, _encode_latent(model, st, os.path.join(d, "refresh.sld"), force=False))
+                _code_latent(model, st, os.path.join(d, "refresh.sld"), force=False)
         else:
             for layer in st.layers.values():
                 for lin in _factor_modules(layer, st.adapter):
@@ -380,15 +380,7 @@ def export_sld(model: nn.Module, path: str | os.PathLike[str], *, force: bool = 
     if st.bits_per_param is not None:
         # the file *is* the refresh: the forward adopts its decoded factors, so they agree by construction
         with torch.no_grad():
-            out = _encode_latent(model, st, path, force=force, level=level)
-            try:
-                _adopt_coded(model, st, out)
-            except BaseException:
-                try:
-                    os.remove(out)
-                except OSError:
-                    pass
-                raise
+            out = _code_latent(model, st, path, force=force, level=level)
         st.since_refresh = 0
         return out
     refresh_qat(model)
@@ -396,29 +388,36 @@ def export_sld(model: nn.Module, path: str | os.PathLike[str], *, force: bool = 
     # refit=False: k-means at fixed bits quantizes each factor on its own (B is not refitted against
     # Q(A)), exactly like the QAT forward.
     out = encode(adapter, st.bits, out=path, quantizer=st.quantizer, level=level, force=force, refit=False)
-    try:
-        _adopt_and_check(load(out), layers, st)
-    except BaseException:
-        try:
-            os.remove(out)
-        except OSError:
-            pass
-        raise
+    _removed_on_failure(out, lambda: _adopt_and_check(load(out), layers, st))
     return out
 
 
-def _encode_latent(model: nn.Module, st: QatState, path: str | os.PathLike[str], *, force: bool,
-                   level: int = DEFAULT_LEVEL) -> str:
-    """The latent adapter encoded at the rate-controlled target (what refresh and export share)."""
-    adapter, _ = _latent_adapter(model, st)
-    return encode(adapter, out=path, bits_per_param=st.bits_per_param, quantizer=st.quantizer, level=level,
-                  force=force)
+def _removed_on_failure(path: str, step: Callable[[], None]) -> None:
+    """``step()``; a file it fails on (or is interrupted over) is not left behind."""
+    try:
+        step()
+    except BaseException:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        raise
 
 
-def _adopt_coded(model: nn.Module, st: QatState, path: str) -> None:
+def _code_latent(model: nn.Module, st: QatState, path: str | os.PathLike[str], *, force: bool,
+                 level: int = DEFAULT_LEVEL) -> str:
+    """Rate-controlled mode, what refresh and export share: the latent adapter encoded at the
+    target into ``path``, and every factor's forward values := what that file decodes to."""
+    adapter, layers = _latent_adapter(model, st)
+    out = encode(adapter, out=path, bits_per_param=st.bits_per_param, quantizer=st.quantizer, level=level,
+                 force=force)
+    _removed_on_failure(out, lambda: _adopt_coded(st, out, layers))
+    return out
+
+
+def _adopt_coded(st: QatState, path: str, layers: dict[str, nn.Module]) -> None:
     """Every factor's forward values := what the file at ``path`` decodes to."""
     f = load(path)
-    _, layers = _latent_adapter(model, st)
     seen = set()
     for m in f.modules:
         A, B = f.dequantize(m.name)

@@ -207,27 +207,10 @@ def _check_segments(segments: Sequence[tuple]) -> None:
 
 def decode(data: bytes, segments: Sequence[tuple[int, FreqTable]], lanes: int = LANES) -> list[np.ndarray]:
     """Decode a stream into each segment's indices (int32 arrays, ``table.imin`` added back)."""
-    _check_lanes(lanes)
-    _check_segments(segments)
-    lib = _native.library()
-    if lib is None:
-        _fallback_warning()
-        return decode_reference(data, segments, lanes)
-    tables = [t for _, t in segments]
-    ent, offs = _slot_entries(tables, None)
-    seg_n = np.array([n for n, _ in segments], dtype=np.int64)
-    seg_p = np.array([t.precision for t in tables], dtype=np.int32)
-    total = int(seg_n.sum())
-    out = np.empty(max(total, 1), dtype=np.uint16)
-    buf = _as_buffer(data)
-    p = lambda a: a.ctypes.data_as(_native._P)  # noqa: E731
-    rc = lib.sld_rans_decode(p(buf), len(data), len(segments), p(seg_n), p(seg_p), p(offs), p(ent),
-                             lanes, p(out), None)
-    if rc < 0:
-        raise RansError(_ERRORS.get(int(rc), f"decoder error {rc}"))
+    symbols = decode_symbols(data, segments, lanes)
     res, pos = [], 0
     for n, t in segments:
-        res.append(out[pos : pos + n].astype(np.int32) + t.imin)
+        res.append(symbols[pos : pos + n].astype(np.int32) + t.imin)
         pos += n
     return res
 

@@ -153,3 +153,21 @@ def check_info(info: Any, layout: str) -> dict[str, Any]:
 
 
 INFO_VERSION = 1
+
+
+def write_one_file(out: str, name: str, tensors: dict[str, Any], meta: dict[str, str], *, force: bool,
+                   inputs: Any, progress: Any) -> list[str]:
+    """A one-file layout's decoded adapter: ``out`` itself when it ends in .safetensors, else
+    ``<out>/<name>`` in a directory that appears whole (both through :mod:`deltacodec.outputs`:
+    an existing output needs ``force``, an input is never written over or into)."""
+    from ..outputs import atomic_file, staged_directory
+    from ..safetensors_io import write_safetensors
+
+    if out.endswith(".safetensors"):
+        with atomic_file(out, inputs=inputs, force=force) as fh:
+            write_safetensors(fh, tensors, meta, progress=progress)
+        return [out]
+    with staged_directory(out, inputs=inputs, force=force) as stage:
+        with stage.open(name) as fh:
+            write_safetensors(fh, tensors, meta, progress=progress)
+    return [os.path.join(out, name)]

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from collections import Counter
 from typing import Any
 
 from ..errors import AdapterError, DecodeError, DeltacodecWarning, preview
-from .base import INFO_VERSION, Adapter, Source, UnusableInfo, check_info, info_file_name, info_metadata
+from .base import (INFO_VERSION, Adapter, Source, UnusableInfo, check_info, info_file_name, info_metadata,
+                   write_one_file)
 from . import peft
 from .tensors import check_storable
 from .peft_config import AdapterSettings, gamma_for, parse_config, resolve_settings, show_name, sine_metadata
@@ -322,8 +322,6 @@ def _configs_say_sine(f: Any, meta: dict[str, str]) -> bool:
 def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, inputs: Any, progress: Any) -> list[str]:
     """The decoded file as ``<out>/<file name>`` (or ``out`` itself when it ends in
     .safetensors), with the original metadata."""
-    from ..outputs import atomic_file, staged_directory
-    from ..safetensors_io import write_safetensors
 
     info = check_info(info, NAME)
     name = info_file_name(info, FILE_NAME)
@@ -345,11 +343,4 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
     block = peft.sine_block(f.modules, f.path)
     if block is not None and not _configs_say_sine(f, meta):
         meta[SINE_KEY] = json.dumps(block, sort_keys=True)
-    if out.endswith(".safetensors"):
-        with atomic_file(out, inputs=inputs, force=force) as fh:
-            write_safetensors(fh, renamed, meta, progress=progress)
-        return [out]
-    with staged_directory(out, inputs=inputs, force=force) as stage:
-        with stage.open(name) as fh:
-            write_safetensors(fh, renamed, meta, progress=progress)
-    return [os.path.join(out, name)]
+    return write_one_file(out, name, renamed, meta, force=force, inputs=inputs, progress=progress)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from collections import Counter
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import AdapterError, DecodeError, DeltacodecWarning, preview
-from .base import INFO_VERSION, Adapter, AdapterModule, Source, UnusableInfo, check_info, info_file_name, info_metadata
+from .base import (INFO_VERSION, Adapter, AdapterModule, Source, UnusableInfo, check_info, info_file_name,
+                   info_metadata, write_one_file)
 from .checks import f32_finite, make_module
 from .peft import sine_block
 from .peft_config import gamma_for, resolve_settings, show_name, sine_metadata
@@ -240,8 +240,7 @@ def _alpha_form(info: dict[str, Any], stem: str) -> tuple[str, list[int]]:
 def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, inputs: Any, progress: Any) -> list[str]:
     """The decoded file with the original keys and metadata: ``<out>/<file name>``, or ``out``
     itself when it ends in .safetensors."""
-    from ..outputs import atomic_file, staged_directory
-    from ..safetensors_io import TensorSpec, write_safetensors
+    from ..safetensors_io import TensorSpec
 
     info = check_info(info, NAME)
     name = info_file_name(info, "lora.safetensors")
@@ -278,11 +277,4 @@ def write(out: str, f: Any, specs: dict[str, Any], info: Any, *, force: bool, in
     block = sine_block(f.modules, f.path)
     if block is not None:
         meta[SINE_KEY] = json.dumps(block, sort_keys=True)
-    if out.endswith(".safetensors"):
-        with atomic_file(out, inputs=inputs, force=force) as fh:
-            write_safetensors(fh, entries, meta, progress=progress)
-        return [out]
-    with staged_directory(out, inputs=inputs, force=force) as stage:
-        with stage.open(name) as fh:
-            write_safetensors(fh, entries, meta, progress=progress)
-    return [os.path.join(out, name)]
+    return write_one_file(out, name, entries, meta, force=force, inputs=inputs, progress=progress)
