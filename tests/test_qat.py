@@ -268,9 +268,10 @@ def test_export_raw_float16_factor_is_exact_too(tmp_path):
     assert torch.equal(small.weight.detach(), x16)
 
 
-def test_export_refuses_an_existing_file_without_force(tmp_path):
+@pytest.mark.parametrize("target", [{"bits": 2}, {"bits_per_param": 8.0}], ids=["kmeans", "rate-controlled"])
+def test_export_refuses_an_existing_file_without_force(tmp_path, target):
     pm = peft_model("lora")
-    qat.enable_qat(pm, bits=2)
+    qat.enable_qat(pm, **target)
     p = tmp_path / "a.sld"
     p.write_bytes(b"keep")
     with pytest.raises(OutputError):

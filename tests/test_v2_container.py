@@ -642,3 +642,31 @@ def test_size_targets_try_minimax_first_and_fall_back_to_the_sum_allocation(tmp_
         by_fallback += "sum" in calls
         deltacodec.load(p).verify()
     assert by_fallback > 0
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--bits-per-param", "nan"), ("--bits-per-param", "0"), ("--bits-per-param", "-1"), ("--bits-per-param", "inf"),
+    ("--bits-per-param", "two"), ("--max-error", "0"), ("--max-error", "1e999"), ("--max-error", ""),
+    ("--size", "0"), ("--size", "3XB"), ("--size", "-5"), ("--container", "3"), ("--quantizer", "zip"),
+])
+def test_cli_rate_target_values_that_are_not_targets_are_usage_errors(tmp_path, capsys, flag, value):
+    from cli_helpers import assert_usage_error, run_sld
+
+    rc, _, err = run_sld(capsys, "encode", "examples/tiny-sine-adapter", "-o", str(tmp_path / "x.sld"), flag, value)
+    assert_usage_error(rc, err, flag)
+    assert not (tmp_path / "x.sld").exists()
+
+
+@pytest.mark.parametrize("kw,why", [
+    ({"bits_per_param": "2"}, "bits_per_param must be a positive finite number"),
+    ({"bits_per_param": True}, "bits_per_param must be a positive finite number"),
+    ({"max_error": float("nan")}, "max_error must be a positive finite number"),
+    ({"size": -1}, "size must be a positive finite number"),
+    ({"size": 1000, "bits_per_param": 2.0}, "exactly one target"),
+    ({"bits_per_param": 2.0, "quantizer": "kmeans"}, "needs rate control"),
+    ({"bits": 3, "container": 4}, "container must be 1 or 2"),
+])
+def test_api_rate_targets_of_the_wrong_type_or_range_are_encode_errors(tmp_path, kw, why):
+    with pytest.raises(deltacodec.EncodeError, match=why):
+        deltacodec.encode("examples/tiny-sine-adapter", out=str(tmp_path / "x.sld"), **kw)
+    assert not (tmp_path / "x.sld").exists()
