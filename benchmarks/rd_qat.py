@@ -89,6 +89,36 @@ def hyper(method: str, rank: int, quick: bool) -> tuple[float | None, float]:
     return HYPER[method][rank]
 
 
+def setting(b: float, a: argparse.Namespace) -> str:
+    """A rate setting's label: ``2b`` (fixed bits, k-means) or ``2b/p`` (bits/param target)."""
+    return f"{b:g}b/p" if a.bits_per_param else f"{b:g}b"
+
+
+def ptq_encode(adir: Path, b: float, a: argparse.Namespace, p: Path) -> None:
+    """The PTQ arm's file: the codec at ``b`` bits (k-means) or at ``b`` bits/param (``a.quantizer``,
+    the codec's default refit and allocation, as a user's ``sld encode --bits-per-param`` gets)."""
+    if a.bits_per_param:
+        deltacodec.encode(adir, bits_per_param=b, quantizer=a.quantizer, out=p, force=True)
+    else:
+        deltacodec.encode(adir, bits=int(b), out=p, force=True)
+
+
+def qat_on(pm, b: float, a: argparse.Namespace, refresh_every: int | None = None):
+    """QAT on at ``b`` bits (k-means) or ``b`` bits/param (``a.quantizer``)."""
+    from deltacodec.sinelora import enable_qat
+
+    every = a.refresh_every if refresh_every is None else refresh_every
+    if a.bits_per_param:
+        return enable_qat(pm, bits_per_param=b, quantizer=a.quantizer, refresh_every=every)
+    return enable_qat(pm, bits=int(b), refresh_every=every)
+
+
+def unreachable(err: Exception, what: str) -> None:
+    """A bits/param target below what the codec can reach for this adapter (the container alone
+    is larger) is a missing point, not a failed run."""
+    log(f"  {what}: no point ({err})")
+
+
 class Run:
     """One adapter's training state: PEFT model, AdamW, step counter (batches are a function of
     the step, so a copy resumes exactly where the original was)."""
@@ -147,7 +177,7 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
              digest: str) -> list[dict]:
     from peft import get_peft_model
 
-    from deltacodec.sinelora import enable_qat, export_sld, get_sinelora_model
+    from deltacodec.sinelora import export_sld, get_sinelora_model
 
     omega, lr = hyper(method, rank, st.quick)
     torch.manual_seed(st.seed * 1000 + rank)  # as rd_experiment.train_adapter: same initial A per rank
@@ -171,27 +201,37 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
     common = {"method": method, "rank": rank, "omega": omega, "lr": lr, "steps": st.steps, "qat_steps": a.qat_steps,
               "unquantized_accuracy": fp_acc, "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
               "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
+    reached = []
     for b in st.bits:
-        p = sld / f"{method}-r{rank}-b{b}-ptq.sld"
-        deltacodec.encode(adir, bits=b, out=p, force=True)
-        rows.append({**common, "arm": "PTQ", "bits": b, "bytes": os.path.getsize(p),
+        p = sld / f"{method}-r{rank}-b{b:g}-ptq.sld"
+        try:
+            ptq_encode(adir, b, a, p)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{method} r={rank} PTQ {setting(b, a)}")
+            continue
+        reached.append(b)
+        rows.append({**common, "arm": "PTQ", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
                      "accuracy": evaluate_file(base, p, data["test"], st, digest), "final_loss": loss_plain,
                      "phase_seconds": t_plain, "model_accuracy": fp_acc})
-    for b in st.bits:
+    for b in reached:
         q = snap.fork()
-        qs = enable_qat(q.pm, bits=b, refresh_every=a.refresh_every)
-        t_qat, loss_qat = q.advance(a.qat_steps)
-        p = sld / f"{method}-r{rank}-b{b}-qat.sld"
-        t0 = time.perf_counter()
-        export_sld(q.pm, p, force=True)
+        p = sld / f"{method}-r{rank}-b{b:g}-qat.sld"
+        try:
+            qs = qat_on(q.pm, b, a)
+            t_qat, loss_qat = q.advance(a.qat_steps)
+            t0 = time.perf_counter()
+            export_sld(q.pm, p, force=True)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{method} r={rank} QAT {setting(b, a)}")
+            continue
         t_export = time.perf_counter() - t0
         model_acc = accuracy(q.pm, data["test"], st.task)  # the QAT forward itself, after export
         acc = evaluate_file(base, p, data["test"], st, digest)
-        rows.append({**common, "arm": "QAT", "bits": b, "bytes": os.path.getsize(p), "accuracy": acc,
+        rows.append({**common, "arm": "QAT", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p), "accuracy": acc,
                      "final_loss": loss_qat, "phase_seconds": t_qat, "model_accuracy": model_acc,
                      "export_seconds": t_export, "refreshes": qs.refreshes})
     log(f"{method} r={rank}: fp32 {fp_acc:.2f}%; " + ", ".join(
-        f"{r['arm']} {r['bits']}b {r['accuracy']:.2f}% ({r['bytes']} B)" for r in rows)
+        f"{r['arm']} {r['setting']} {r['accuracy']:.2f}% ({r['bytes']} B)" for r in rows)
         + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "
         + "/".join(f"{r['phase_seconds'] / a.qat_steps:.3f}" for r in rows if r["arm"] == "QAT"))
     return rows
@@ -203,7 +243,7 @@ def measure_overhead(base, data: dict, st: Settings, a: argparse.Namespace) -> l
     blocks of 5 steps; the ratio of the median block times is reported."""
     from peft import get_peft_model
 
-    from deltacodec.sinelora import enable_qat, get_sinelora_model
+    from deltacodec.sinelora import get_sinelora_model
 
     rows = []
     for rank in st.ranks:
@@ -219,17 +259,17 @@ def measure_overhead(base, data: dict, st: Settings, a: argparse.Namespace) -> l
             for period in a.overhead_periods:
                 for b in st.bits:
                     q = plain.fork()
-                    enable_qat(q.pm, bits=b, refresh_every=period)
+                    qat_on(q.pm, b, a, refresh_every=period)
                     p_fork = plain.fork()
                     tp, tq = [], []
                     for _ in range(a.overhead_blocks):
                         tp.append(p_fork.advance(5)[0])
                         tq.append(q.advance(5)[0])
                     ratio = float(np.median(tq) / np.median(tp))
-                    rows.append({"method": m, "rank": rank, "bits": b, "refresh_every": period,
+                    rows.append({"method": m, "rank": rank, "bits": b, "setting": setting(b, a), "refresh_every": period,
                                  "plain_step_s": float(np.median(tp)) / 5, "qat_step_s": float(np.median(tq)) / 5,
                                  "ratio": ratio})
-                    log(f"overhead {m} r={rank} {b}b refit every {period}: plain {np.median(tp) / 5:.4f} s/step, "
+                    log(f"overhead {m} r={rank} {setting(b, a)} refit every {period}: plain {np.median(tp) / 5:.4f} s/step, "
                         f"QAT {np.median(tq) / 5:.4f} s/step, ratio {ratio:.2f}")
     return rows
 
@@ -251,7 +291,7 @@ def analyse(records: list[dict]) -> dict:
     """BD tables: per bit width (curve = ranks), QAT vs PTQ per method and SineLoRA vs LoRA
     under QAT (and under PTQ, for reference)."""
     def pts(method: str, arm: str, label: str) -> list[RDPoint]:
-        return [RDPoint(label, str(r["bits"]), float(r["bytes"]), quality(r))
+        return [RDPoint(label, f"{r['bits']:g}", float(r["bytes"]), quality(r))
                 for r in records if r["method"] == method and r["arm"] == arm]
 
     res = {}
@@ -265,8 +305,9 @@ def analyse(records: list[dict]) -> dict:
 def print_tables(records: list[dict], bd: dict, st: Settings, a: argparse.Namespace) -> None:
     print(f"\nQAT vs PTQ, seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
           f"quantization-aware (refresh every {a.refresh_every}); test accuracy % (bytes)")
-    bits = list(st.bits)
-    print(f"{'method':8s} {'rank':>4s} {'fp32':>6s} " + " ".join(f"{f'PTQ {b}b':>15s} {f'QAT {b}b':>15s}" for b in bits))
+    bits, u = list(st.bits), unit(records)
+    print(f"{'method':8s} {'rank':>4s} {'fp32':>6s} " + " ".join(f"{f'PTQ {b:g}{u}':>15s} {f'QAT {b:g}{u}':>15s}"
+                                                               for b in bits))
     for m in METHODS:
         for rank in st.ranks:
             rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
@@ -276,26 +317,32 @@ def print_tables(records: list[dict], bd: dict, st: Settings, a: argparse.Namesp
             cells = []
             for b in bits:
                 for arm in ("PTQ", "QAT"):
-                    r = rr[(arm, b)]
-                    cells.append(f"{r['accuracy']:6.2f} ({r['bytes']:>6d})")
+                    r = rr.get((arm, b))
+                    cells.append(f"{r['accuracy']:6.2f} ({r['bytes']:>6d})" if r else f"{'-':>15s}")
             print(f"{m:8s} {rank:>4d} {fp:6.2f} " + " ".join(cells))
     print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-acc points")
     for title, rows in bd.items():
-        print(f"  {title}: " + ("; ".join(f"{r['group']}b {r['bd_rate']:+.2f}% | {r['bd_quality']:+.2f}"
+        print(f"  {title}: " + ("; ".join(f"{r['group']}{u} {r['bd_rate']:+.2f}% | {r['bd_quality']:+.2f}"
                                           + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
     ratios = overhead(records)
     print("\nQAT phase time per step / plain phase time per step (same process, shared 2-core machine): "
           + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
 
 
+def unit(records: list[dict]) -> str:
+    """``b/p`` for a bits/param run, ``b`` for fixed bits."""
+    return "b/p" if any(r.get("setting", "").endswith("b/p") for r in records) else "b"
+
+
 def overhead(records: list[dict]) -> dict:
     out = {}
+    u = unit(records)
     for m in METHODS:
         for b in sorted({r["bits"] for r in records}):
             q = [r["phase_seconds"] for r in records if r["method"] == m and r["arm"] == "QAT" and r["bits"] == b]
             p = [r["phase_seconds"] for r in records if r["method"] == m and r["arm"] == "PTQ" and r["bits"] == b]
             if q and p:
-                out[f"{m} {b}b"] = float(np.sum(q) / np.sum(p))
+                out[f"{m} {b:g}{u}"] = float(np.sum(q) / np.sum(p))
     return out
 
 
@@ -312,14 +359,15 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
         rows = measure_overhead(base, data, st, a)
         (out / "overhead.json").write_text(json.dumps({"settings": {"seed": st.seed, "threads": st.threads,
                                                                     "blocks": a.overhead_blocks}, "rows": rows}, indent=1))
-        print(f"{'method':8s} {'rank':>4s} {'bits':>4s} {'refit':>5s} {'plain s':>8s} {'QAT s':>8s} {'ratio':>6s}")
+        print(f"{'method':8s} {'rank':>4s} {'rate':>6s} {'refit':>5s} {'plain s':>8s} {'QAT s':>8s} {'ratio':>6s}")
         for r in rows:
-            print(f"{r['method']:8s} {r['rank']:>4d} {r['bits']:>4d} {r['refresh_every']:>5d} {r['plain_step_s']:>8.4f} "
+            print(f"{r['method']:8s} {r['rank']:>4d} {r['setting']:>6s} {r['refresh_every']:>5d} {r['plain_step_s']:>8.4f} "
                   f"{r['qat_step_s']:>8.4f} {r['ratio']:>6.2f}")
         return {"overhead": rows}
     records: list[dict] = []
     summary = {"settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch,
                             "ranks": list(st.ranks), "bits": list(st.bits), "qat_steps": a.qat_steps,
+                            "bits_per_param": bool(a.bits_per_param), "quantizer": a.quantizer if a.bits_per_param else "kmeans",
                             "refresh_every": a.refresh_every, "threads": st.threads,
                             "decay_last": a.decay_last},
                "base": {**base_info, "path": str(base_path)}}
@@ -357,6 +405,7 @@ def paired(runs: list[dict]) -> None:
     beats PTQ's best, as a share of the PTQ file's bytes (a bound on the saving at that quality)."""
     print("\nPaired QAT − PTQ at equal rank (testbed 2): mean Δbpb over ranks | ranks with a smaller and better "
           "QAT file | dominance (QAT's smallest file beating PTQ's best, bytes as a share of PTQ's)")
+    u = unit(runs[0]["measurements"])
     for m in METHODS:
         for b in sorted({r["bits"] for r in runs[0]["measurements"]}):
             cells = []
@@ -365,6 +414,9 @@ def paired(runs: list[dict]) -> None:
                 ptq = {r["rank"]: r for r in rr if r["arm"] == "PTQ"}
                 qat = {r["rank"]: r for r in rr if r["arm"] == "QAT"}
                 ranks = sorted(set(ptq) & set(qat))
+                if not ranks:
+                    cells.append(f"{'n/a':24s}")
+                    continue
                 d = [qat[k]["bits_per_byte"] - ptq[k]["bits_per_byte"] for k in ranks]
                 wins = sum(qat[k]["bits_per_byte"] < ptq[k]["bits_per_byte"] and qat[k]["bytes"] < ptq[k]["bytes"]
                            for k in ranks)
@@ -377,15 +429,16 @@ def paired(runs: list[dict]) -> None:
                     if max(r["bits_per_byte"] for r in qat.values()) < best_ptq["bits_per_byte"]:
                         dom += " all"
                 cells.append(f"{np.mean(d):+.4f} {wins}/{len(ranks)}{dom:16s}")
-            print(f"  {m:8s} {b}b: " + " | ".join(cells))
+            print(f"  {m:8s} {b:g}{u}: " + " | ".join(cells))
 
 
 def summarize(dirs: list[Path]) -> None:
     runs = [json.loads((d / "measurements.json").read_text()) for d in dirs]
     seeds = [r["settings"]["seed"] for r in runs]
-    unit = "−bpb" if runs[0].get("testbed") == "rd_text" else "acc points"
+    u = unit(runs[0]["measurements"])
+    qunit = "−bpb" if runs[0].get("testbed") == "rd_text" else "acc points"
     qd = 4 if runs[0].get("testbed") == "rd_text" else 2  # decimals of BD-quality
-    print(f"BD-rate % | BD-quality ({unit}) per bit width across seeds {seeds} (mean, spread = max - min; * = a bd_table warning)")
+    print(f"BD-rate % | BD-quality ({qunit}) per rate setting across seeds {seeds} (mean, spread = max - min; * = a bd_table warning)")
     for title in runs[0]["bd"]:
         groups = []
         for r in runs:
@@ -401,7 +454,7 @@ def summarize(dirs: list[Path]) -> None:
             cells = " ".join(f"{v[0]:+8.2f} {v[1]:+8.{qd}f}{'*' if v[2] else ' '}" if v else f"{'n/a':>18s}"
                              for v in vals)
             br, bq = np.array([v[0] for v in ok]), np.array([v[1] for v in ok])
-            print(f"  {title:24s} {g}b: {cells}   mean {br.mean():+8.2f} {bq.mean():+8.{qd}f}   "
+            print(f"  {title:24s} {g}{u}: {cells}   mean {br.mean():+8.2f} {bq.mean():+8.{qd}f}   "
                   f"spread {np.ptp(br):7.2f} {np.ptp(bq):7.{qd}f}")
     if runs[0].get("testbed") == "rd_text":
         paired(runs)
@@ -464,7 +517,7 @@ def text_settings(a: argparse.Namespace):
     st = rd_text.quick_settings(a.seed) if a.quick else rd_text.Settings(seed=a.seed)
     if a.ranks:
         st.ranks = tuple(sorted(set(a.ranks)))
-    st.bits = tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)
+    st.bits = rate_settings(a)
     if a.steps:
         st.steps = a.steps
     st.threads = a.threads
@@ -487,7 +540,7 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
     import rd_text
     from peft import get_peft_model
 
-    from deltacodec.sinelora import enable_qat, export_sld, get_sinelora_model
+    from deltacodec.sinelora import export_sld, get_sinelora_model
 
     omega = st.omegas[0] if method == "SineLoRA" else None
     lr = st.lrs[0]
@@ -513,29 +566,41 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
               "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
               "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
     rows = []
+    reached = []
     for b in st.bits:
-        p = sld / f"{method}-r{rank}-b{b}-ptq.sld"
-        deltacodec.encode(adir, bits=b, out=p, force=True)
+        p = sld / f"{method}-r{rank}-b{b:g}-ptq.sld"
+        try:
+            ptq_encode(adir, b, a, p)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{method} r={rank} PTQ {setting(b, a)}")
+            continue
+        reached.append(b)
         ev = evaluate_text_file(base, p, test, digest)
-        rows.append({**common, "arm": "PTQ", "bits": b, "bytes": os.path.getsize(p), "bits_per_byte": ev["bits_per_byte"],
+        rows.append({**common, "arm": "PTQ", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
+                     "bits_per_byte": ev["bits_per_byte"],
                      "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_plain,
                      "phase_seconds": t_plain, "model_bits_per_byte": fp["bits_per_byte"]})
-    for b in st.bits:
+    for b in reached:
         q = snap.fork()
-        qs = enable_qat(q.pm, bits=b, refresh_every=a.refresh_every)
-        t_qat, loss_qat = q.advance(a.qat_steps)
-        p = sld / f"{method}-r{rank}-b{b}-qat.sld"
-        t0 = time.perf_counter()
-        export_sld(q.pm, p, force=True)
+        p = sld / f"{method}-r{rank}-b{b:g}-qat.sld"
+        try:
+            qs = qat_on(q.pm, b, a)
+            t_qat, loss_qat = q.advance(a.qat_steps)
+            t0 = time.perf_counter()
+            export_sld(q.pm, p, force=True)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{method} r={rank} QAT {setting(b, a)}")
+            continue
         t_export = time.perf_counter() - t0
         model_ev = rd_text.evaluate(q.pm, test)  # the QAT forward itself, after export
         ev = evaluate_text_file(base, p, test, digest)
-        rows.append({**common, "arm": "QAT", "bits": b, "bytes": os.path.getsize(p), "bits_per_byte": ev["bits_per_byte"],
+        rows.append({**common, "arm": "QAT", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
+                     "bits_per_byte": ev["bits_per_byte"],
                      "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_qat,
                      "phase_seconds": t_qat, "model_bits_per_byte": model_ev["bits_per_byte"],
                      "export_seconds": t_export, "refreshes": qs.refreshes})
     log(f"{method} r={rank}: fp32 {fp['bits_per_byte']:.4f} bpb; " + ", ".join(
-        f"{r['arm']} {r['bits']}b {r['bits_per_byte']:.4f} ({r['bytes']} B)" for r in rows)
+        f"{r['arm']} {r['setting']} {r['bits_per_byte']:.4f} ({r['bytes']} B)" for r in rows)
         + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "
         + "/".join(f"{r['phase_seconds'] / a.qat_steps:.3f}" for r in rows if r["arm"] == "QAT"))
     return rows
@@ -544,20 +609,21 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
 def print_text_tables(records: list[dict], bd: dict, st, a: argparse.Namespace) -> None:
     print(f"\nQAT vs PTQ, testbed 2 (rd_text), seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
           f"quantization-aware (refresh every {a.refresh_every}); held-out bits/byte (bytes), lower is better")
-    bits = list(st.bits)
-    print(f"{'method':8s} {'rank':>4s} {'fp32':>7s} " + " ".join(f"{f'PTQ {b}b':>16s} {f'QAT {b}b':>16s}" for b in bits))
+    bits, u = list(st.bits), unit(records)
+    print(f"{'method':8s} {'rank':>4s} {'fp32':>7s} " + " ".join(f"{f'PTQ {b:g}{u}':>16s} {f'QAT {b:g}{u}':>16s}"
+                                                               for b in bits))
     for m in METHODS:
         for rank in st.ranks:
             rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
             if not rr:
                 continue
             fp = next(iter(rr.values()))["unquantized_bits_per_byte"]
-            cells = [f"{rr[(arm, b)]['bits_per_byte']:7.4f} ({rr[(arm, b)]['bytes']:>6d})" for b in bits
-                     for arm in ("PTQ", "QAT")]
+            cells = [f"{rr[(arm, b)]['bits_per_byte']:7.4f} ({rr[(arm, b)]['bytes']:>6d})" if (arm, b) in rr
+                     else f"{'-':>16s}" for b in bits for arm in ("PTQ", "QAT")]
             print(f"{m:8s} {rank:>4d} {fp:7.4f} " + " ".join(cells))
     print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-quality (−bpb)")
     for title, rows in bd.items():
-        print(f"  {title}: " + ("; ".join(f"{r['group']}b {r['bd_rate']:+.2f}% | {r['bd_quality']:+.4f}"
+        print(f"  {title}: " + ("; ".join(f"{r['group']}{u} {r['bd_rate']:+.2f}% | {r['bd_quality']:+.4f}"
                                           + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
     print("\nQAT phase time per step / plain phase time per step (same process): "
           + ", ".join(f"{k} {v:.2f}" for k, v in overhead(records).items()))
@@ -579,6 +645,7 @@ def run_text(a: argparse.Namespace, out: Path) -> dict:
     summary = {"testbed": "rd_text",
                "settings": {"seed": st.seed, "quick": st.quick, "steps": st.steps, "batch": st.batch, "ranks": list(st.ranks),
                             "bits": list(st.bits), "qat_steps": a.qat_steps, "refresh_every": a.refresh_every,
+                            "bits_per_param": bool(a.bits_per_param), "quantizer": a.quantizer if a.bits_per_param else "kmeans",
                             "threads": st.threads, "omega": st.omegas[0], "lr": st.lrs[0], "n_test": st.n_test},
                "base": {**base_info, "path": str(base_path)}}
     for rank in st.ranks:
@@ -587,6 +654,16 @@ def run_text(a: argparse.Namespace, out: Path) -> dict:
             summary["measurements"] = records
             (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
     return finish(records, summary, out, t_start, "quality", lambda bd: print_text_tables(records, bd, st, a))
+
+
+def rate_settings(a: argparse.Namespace) -> tuple:
+    """The run's rate settings: ``--bits-per-param`` targets, else ``--bits`` (default 1 2 3)."""
+    if a.bits_per_param:
+        bad = [b for b in a.bits_per_param if not 0 < b < float("inf")]
+        if bad:
+            raise SystemExit(f"rd_qat.py: error: --bits-per-param must be positive and finite, got {bad[0]}")
+        return tuple(sorted(set(a.bits_per_param)))
+    return tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -599,7 +676,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="testbed 1: rd_experiment's quick task, ranks 2 8, 100 steps; "
                    "text: rd_text's quick model and corpus, ranks 2 4 8, 80 steps")
     p.add_argument("--ranks", type=int, nargs="+", help="default 1 2 4 8 16 (text: 4 8 16)")
-    p.add_argument("--bits", type=int, nargs="+", help="default 1 2 3")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--bits", type=int, nargs="+", help="fixed bits, k-means (default 1 2 3)")
+    rate.add_argument("--bits-per-param", type=float, nargs="+", metavar="B",
+                      help="rate-controlled arms instead: PTQ = encode(bits_per_param=B, quantizer=Q), QAT = "
+                      "enable_qat(bits_per_param=B, quantizer=Q); a target the codec cannot reach for an adapter "
+                      "is a missing point")
+    p.add_argument("--quantizer", choices=("ecsq", "auto"), default="ecsq",
+                   help="the rate-controlled quantizer of --bits-per-param (ecsq)")
     p.add_argument("--steps", type=int, help="total training steps of every arm (default 500, quick 100; text 200, quick 80)")
     p.add_argument("--qat-fraction", type=float, default=0.25, help="share of the steps trained with QAT (0.25)")
     p.add_argument("--refresh-every", type=int, default=1, help="codebook refit period in steps (1)")
@@ -627,10 +711,10 @@ def main(argv=None) -> int:
         steps = a.steps or (80 if a.quick else 200)
         a.qat_steps = max(1, int(round(steps * a.qat_fraction)))
         a.cache_dir.mkdir(parents=True, exist_ok=True)
-        run_text(a, a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"text-seed{a.seed}{'-quick' if a.quick else ''}")
+        run_text(a, a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"text-seed{a.seed}{'-bpp' if a.bits_per_param else ''}{'-quick' if a.quick else ''}")
         return 0
     st = quick_settings(a.seed) if a.quick else Settings(seed=a.seed)
-    st.bits = tuple(sorted(set(a.bits))) if a.bits else (1, 2, 3)
+    st.bits = rate_settings(a)
     if a.ranks:
         st.ranks = tuple(sorted(set(a.ranks)))
     if a.steps:
@@ -638,7 +722,7 @@ def main(argv=None) -> int:
     st.threads = a.threads
     a.qat_steps = max(1, int(round(st.steps * a.qat_fraction)))
     a.cache_dir.mkdir(parents=True, exist_ok=True)
-    out = a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"seed{st.seed}{'-quick' if st.quick else ''}"
+    out = a.out or REPO / "benchmarks" / "out" / "rd_qat" / f"seed{st.seed}{'-bpp' if a.bits_per_param else ''}{'-quick' if st.quick else ''}"
     run(st, a, out)
     return 0
 

@@ -395,6 +395,42 @@ def test_rd_qat_text_quick_run(tmp_path):
     assert (out / "rd_qat.csv").read_text().startswith("method,group,rate,quality")
 
 
+@pytest.mark.slow
+def test_rd_qat_text_rate_controlled_arms(tmp_path):
+    """rd_qat.py --bits-per-param: PTQ is the codec at the bits/param target, QAT trains through
+    it; both files land at or under the target (rate control's contract), each QAT file scores the
+    QAT model's own bits/byte, and a target the adapter cannot reach is a missing point for both
+    arms, not a failed run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("bjontegaard")
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rdq"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rd_qat.py", "--testbed", "text", "--quick", "--ranks", "8", "--steps", "12",
+         "--threads", "1", "--bits-per-param", "0.5", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "measurements.json").read_text())
+    assert summary["settings"]["bits_per_param"] is True and summary["settings"]["quantizer"] == "ecsq"
+    rows = summary["measurements"]
+    # 0.5 bits/param is below the container alone for a rank-8 quick adapter (~3,000 parameters)
+    assert sorted((r["method"], r["arm"], r["bits"]) for r in rows) == sorted(
+        (m, a, 3.0) for m in ("LoRA", "SineLoRA") for a in ("PTQ", "QAT"))
+    assert "0.5b/p: no point" in proc.stderr + proc.stdout
+    for r in rows:
+        assert r["setting"] == "3b/p"
+        f = deltacodec.load(out / "sld" / f"{r['method']}-r8-b3-{r['arm'].lower()}.sld")
+        n = sum(m.A.numel + m.B.numel for m in f.modules)
+        assert 0.95 * 3 * n <= r["bytes"] * 8 <= 3 * n
+        if r["arm"] == "QAT":
+            assert abs(r["bits_per_byte"] - r["model_bits_per_byte"]) < 1e-5  # as in the fixed-bits test
+    assert len((out / "rd_qat.csv").read_text().splitlines()) == 1 + len(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # rate-controlled QAT: bits_per_param with the codec's ecsq/auto
 
