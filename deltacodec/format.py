@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 
 from . import bytegroup, entropy, rans
+from .config_defaults import elide as elide_config_defaults
 from .errors import DecodeError, EncodeError, SldChecksumError, SldError, SldFormatError, SldLimitError, SldVersionError
 from .header import (
     MAX_CONTAINER,
@@ -956,6 +957,7 @@ def serialize_v2(
     (factor shapes implied); names are prefix-compressed against the previous entry's name;
     sections are back to back in entry order, their offsets implied.
     """
+    metadata = elide_config_defaults(metadata)  # spec 12.5
     sections: list[bytes] = []
     fields = [_module_fields(m) for m in modules]
     defaults = _defaults(fields)

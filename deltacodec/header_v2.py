@@ -43,6 +43,7 @@ from .header import (
     show,
 )
 from .sideinfo import SideInfoError, read_fields, read_quant
+from .config_defaults import restore as restore_config_defaults
 
 __all__ = ["parse_header_v2", "ROOT_KEYS", "MODULE_FIELDS", "MAX_LANES"]
 
@@ -74,7 +75,8 @@ class _ParserV2(_Parser):
             if key == "metadata":
                 if not _is_map(self.peek("root.metadata")):
                     raise self.fail("root.metadata", f"expected map, got {_byte_type(self.peek('root.metadata'))}")
-                hdr.metadata = self.value("metadata", 2)
+                # spec 12.5: a config stored without its default-valued keys gets them back here
+                hdr.metadata = restore_config_defaults(self.value("metadata", 2))
             elif key in ("defaults", "lanes", "required", "crc32"):
                 obj = self._call(self.u.unpack, f"root.{key}")
                 self.root_value(key, obj)

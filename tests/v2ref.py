@@ -245,3 +245,47 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
                 v = np.frombuffer(payload, {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dt])
                 out[name] = v.astype(np.float64 if dt == "F64" else np.float32)
     return out
+
+
+# spec 12.5, table 1, transcribed from the spec's text
+CONFIG_TABLE_1 = [
+    ("alora_invocation_tokens", None), ("alpha_pattern", {}), ("arrow_config", None), ("auto_mapping", None),
+    ("bias", "none"), ("corda_config", None), ("ensure_weight_tying", False), ("eva_config", None),
+    ("exclude_modules", None), ("fan_in_fan_out", False), ("inference_mode", True), ("init_lora_weights", True),
+    ("kasa_config", None), ("layer_replication", None), ("layers_pattern", None), ("layers_to_transform", None),
+    ("loftq_config", {}), ("lora_bias", False), ("lora_dropout", 0.0), ("lora_ga_config", None),
+    ("megatron_config", None), ("megatron_core", "megatron.core"), ("modules_to_save", None),
+    ("monteclora_config", None), ("peft_type", "LORA"), ("qalora_group_size", 16), ("rank_pattern", {}),
+    ("revision", None), ("target_parameters", None), ("task_type", None), ("trainable_token_indices", None),
+    ("use_bdlora", None), ("use_dora", False), ("use_qalora", False), ("use_rslora", False), ("velora_config", None),
+]
+
+
+def restore_config(metadata: dict) -> dict:
+    """Spec 12.5: the metadata as a reader presents it (the left-out config keys back, the marker
+    gone); metadata without a usable marker as it is."""
+    mark = metadata.get("adapter_config_elided")
+    cfg = metadata.get("adapter_config")
+    keys = [k for k, _ in CONFIG_TABLE_1]
+    usable = (
+        isinstance(mark, dict) and sorted(mark) == ["absent", "sorted", "table"]
+        and type(mark["table"]) is int and mark["table"] == 1 and type(mark["sorted"]) is bool
+        and isinstance(mark["absent"], list) and all(isinstance(k, str) and k in keys for k in mark["absent"])
+        and len(set(mark["absent"])) == len(mark["absent"])
+        and isinstance(cfg, dict) and all(isinstance(k, str) for k in cfg)
+    )
+    if not usable:
+        return metadata
+    out_cfg = dict(cfg)
+    for k, v in CONFIG_TABLE_1:
+        if k not in cfg and k not in mark["absent"]:
+            out_cfg[k] = v
+    if mark["sorted"]:
+        out_cfg = {k: out_cfg[k] for k in sorted(out_cfg)}
+    out = {}
+    for k, v in metadata.items():
+        if k == "adapter_config":
+            out[k] = out_cfg
+        elif k != "adapter_config_elided":
+            out[k] = v
+    return out

@@ -74,6 +74,25 @@ VECTORS = {
                                   factor_dtypes=("float16", "bfloat16"), scale=4),
     "v2_kmeans_4bit_extras": dict(kind="sine", bits=4, level=1, quantizer="kmeans", extras=False, scale=4,
                                   saved=True, container=2),
+    # a config as PEFT's save_pretrained writes it: stored without table 1's default-valued keys (12.5)
+    "v2_peft_config_elided": dict(kind="lora", bits=2, level=1, quantizer="kmeans", extras=False, container=2,
+                                  peft_config=True),
+}
+
+# What save_pretrained writes for a LoraConfig (sorted keys), with two table-1 keys off their
+# default (bias, lora_dropout: kept) and one the config lacks (use_bdlora: listed as absent).
+PEFT_CONFIG = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+    "auto_mapping": {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers.models.llama.modeling_llama"},
+    "base_model_name_or_path": "golden", "bias": "lora_only", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 16, "lora_bias": False, "lora_dropout": 0.05,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 8,
+    "rank_pattern": {}, "revision": None, "target_modules": ["k_proj", "q_proj", "v_proj"], "target_parameters": None,
+    "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_dora": False, "use_qalora": False,
+    "use_rslora": False, "velora_config": None,
 }
 
 
@@ -116,6 +135,8 @@ def source(name: str, spec: dict) -> str:
     if spec["kind"] == "sine":
         cfg.update(peft_type="SINLORA", freq=60.0)
     cfg = {key: v for key, v in cfg.items() if v is not None}
+    if spec.get("peft_config"):
+        cfg = PEFT_CONFIG
     path = os.path.join(HERE, f"{name}.source.safetensors")
     save_file(tensors, path, metadata={"adapter_config": json.dumps(cfg, sort_keys=True)})
     return path
@@ -144,6 +165,8 @@ def expected(path: str, spec: dict | None) -> dict:
                                                       "max_error", "refit") if key in spec}
         out["options"]["container"] = spec.get("container", 1)
         out["zstd_version"] = zstandard.ZSTD_VERSION
+        if spec.get("peft_config"):
+            out["adapter_config"] = PEFT_CONFIG  # what a reader presents (12.5), key for key
     out.update({
         "file_bytes": f.file_size,
         "modules": [
