@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -400,10 +401,11 @@ def _rate_controlled(mods: list[Any], kind: str, value: float, quantizer: str, r
     data = b""
     for attempt in range(4):
         t_kind = "bits" if kind == "bits" else kind
-        plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
-                              overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
-                              lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False,
-                              allocation=allocation)
+        with one_blas_thread():
+            plan = encode_modules(mods, Target(t_kind, goal), method=quantizer, refit=refit,
+                                  overhead_bytes=overhead if kind in ("size", "bits_per_param") else 0,
+                                  lanes=LANES, max_levels=MAX_LEVELS, per_tensor=True, errors=False,
+                                  allocation=allocation)
         st = plan.streams
         modules = [_module_dict(m, coded_tensor(plan.tensors[2 * i], LANES, st[2 * i]),
                                 coded_tensor(plan.tensors[2 * i + 1], LANES, st[2 * i + 1]))
@@ -427,6 +429,23 @@ def _rate_controlled(mods: list[Any], kind: str, value: float, quantizer: str, r
         if kind in ("size", "bits_per_param"):
             return data, False
     return data, True
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS limited to one thread (where threadpoolctl is installed), for rate control.
+
+    Its linear algebra is r×r Gram products over inner dimensions up to 14k (refit, module
+    weights): far too small to gain from threads, and on a busy 2-core machine the threads'
+    spin-waiting made a ``size=`` encode 3-15× slower than with one (6-37 s against 3.7-3.9 s,
+    benchmarks/bench_size_target.py)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _min_tensor(values: np.ndarray) -> dict[str, Any]:
