@@ -284,7 +284,7 @@ def bd_rows(points: list[RDPoint], anchor: str) -> list[dict]:
 def quality(r: dict) -> float:
     """RD quality of one point: testbed 1's test accuracy (%), or testbed 2's negative held-out
     bits/byte (``quality`` in the record)."""
-    return float(r.get("quality", r["accuracy"]))
+    return float(r["quality"] if "quality" in r else r["accuracy"])
 
 
 def analyse(records: list[dict]) -> dict:
@@ -461,6 +461,35 @@ def summarize(dirs: list[Path]) -> None:
     for r in runs:
         print(f"seed {r['settings']['seed']} overhead (QAT/plain step time): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items()))
+
+
+def envelope(dirs: list[Path]) -> None:
+    """Whole pipelines against today's encoder: per seed and method, every file of an arm (all
+    ranks and rate settings of every run given, fixed-bits and bits/param runs pooled) on one
+    curve, its monotone frontier (the best file at each size), and BD of each arm (PTQ or QAT ×
+    k-means or the rate-controlled quantizer) against PTQ with k-means."""
+    runs = [json.loads((d / "measurements.json").read_text()) for d in dirs]
+    by_seed: dict[int, list[dict]] = {}
+    for r in runs:
+        q = r["settings"].get("quantizer", "kmeans")
+        for m in r["measurements"]:
+            by_seed.setdefault(r["settings"]["seed"], []).append({**m, "label": f"{m['arm']}-{q}"})
+    anchor = "PTQ-kmeans"
+    print(f"Envelope BD (curve = every file of the arm, frontier; akima) against {anchor}: "
+          "BD-rate % | BD-quality, overlap warnings marked *")
+    for seed, recs in sorted(by_seed.items()):
+        for method in METHODS:
+            pts = [RDPoint(r["label"], method, float(r["bytes"]), quality(r)) for r in recs if r["method"] == method]
+            labels = sorted({p.method for p in pts} - {anchor})
+            if anchor not in {p.method for p in pts}:
+                continue
+            rows = {row["method"]: row for row in bd_rows(pts, anchor)}
+            cells = []
+            for lab in labels:
+                row = rows.get(lab)
+                cells.append(f"{lab} {row['bd_rate']:+.2f}% | {row['bd_quality']:+.4f}{' *' if row['warnings'] else ''}"
+                             if row else f"{lab} n/a")
+            print(f"  seed {seed} {method:8s}: " + "; ".join(cells))
 
 
 # ==================================================================================================
@@ -696,6 +725,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "out" / "cache")
     p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT")
+    p.add_argument("--envelope", type=Path, nargs="+", metavar="OUT",
+                   help="do not run: BD of every arm's best-file curve (all ranks and settings of the given runs "
+                   "pooled per seed, fixed-bits and --bits-per-param runs together) against PTQ with k-means")
     return p.parse_args(argv)
 
 
@@ -703,6 +735,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.summarize:
         summarize(a.summarize)
+        return 0
+    if a.envelope:
+        envelope(a.envelope)
         return 0
     if a.testbed == "text":
         if a.overhead or a.decay_last:

@@ -431,6 +431,37 @@ def test_rd_qat_text_rate_controlled_arms(tmp_path):
     assert len((out / "rd_qat.csv").read_text().splitlines()) == 1 + len(rows)
 
 
+def test_rd_qat_envelope_pools_runs_and_measures_the_saving(tmp_path, capsys):
+    """rd_qat.py --envelope: every file of an arm on one curve, pooled across a fixed-bits run and
+    a bits/param run of the same seed; an arm whose files reach the same quality with 0.8× the
+    bytes shows a BD-rate of −20 % against PTQ k-means (log-linear curves: exact up to the
+    interpolation), and a worse arm a positive one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("bjontegaard")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rd_qat
+
+    def run(d, quantizer, arms):
+        recs = [{"method": m, "rank": k, "arm": arm, "bits": 2, "bytes": rate * factor, "quality": float(np.log2(rate))}
+                for arm, factor in arms for k, rate in enumerate((1000.0, 2000.0, 4000.0, 8000.0))
+                for m in ("LoRA", "SineLoRA")]
+        d.mkdir()
+        settings = {"seed": 0, **({"quantizer": quantizer} if quantizer else {})}
+        (d / "measurements.json").write_text(json.dumps({"settings": settings, "measurements": recs}))
+        return d
+
+    a = run(tmp_path / "fixed", None, [("PTQ", 1.0), ("QAT", 1.25)])
+    b = run(tmp_path / "bpp", "ecsq", [("PTQ", 0.8)])
+    rd_qat.envelope([a, b])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "seed 0 LoRA" in line]
+    assert len(rows) == 1
+    assert "PTQ-ecsq -20.00%" in rows[0] and "QAT-kmeans +25.00%" in rows[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # rate-controlled QAT: bits_per_param with the codec's ecsq/auto
 
