@@ -68,15 +68,27 @@ _TABLE = dict(TABLE_1)
 _MARKER_KEYS = ("table", "sorted", "absent")
 
 
+def _kind(v: Any) -> str:
+    """The msgpack/JSON type a value is written as: a str enum is a str, a tuple an array."""
+    if v is None or isinstance(v, bool):
+        return repr(v) if v is None else "bool"
+    for t, k in ((int, "int"), (float, "float"), (str, "str"), (bytes, "bin"), (dict, "map"), ((list, tuple), "array")):
+        if isinstance(v, t):
+            return k
+    return type(v).__name__
+
+
 def same(a: Any, b: Any) -> bool:
-    """Equal in value and in type, all the way down (``0 != 0.0 != False`` here, ``-0.0 != 0.0``)."""
-    if type(a) is not type(b):
+    """Equal in value and in written type, all the way down (``0 != 0.0 != False`` here,
+    ``-0.0 != 0.0``; a str enum equals its str)."""
+    ka = _kind(a)
+    if ka != _kind(b):
         return False
-    if isinstance(a, dict):  # key order is not part of a map's value (JSON objects, PEFT configs)
+    if ka == "map":  # key order is not part of a map's value (JSON objects, PEFT configs)
         return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
+    if ka == "array":
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
+    if ka == "float":
         return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
     return bool(a == b)
 

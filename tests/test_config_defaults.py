@@ -216,3 +216,19 @@ def test_elide_then_restore_is_the_identity_on_any_config(cfg):
         assert list(back) == list(meta)
     if stored is not meta:
         assert len(stored["adapter_config"]) < len(cfg)
+
+
+def test_a_str_enum_is_its_string(tmp_path):
+    """PEFT's live config holds enums (peft_type = PeftType.LORA, a str enum) where the saved JSON
+    holds strings; both are written as the same msgpack str, so both are left out alike (else the
+    header, and with it a rate-controlled allocation, would depend on which one was encoded)."""
+    import enum
+
+    class Kind(str, enum.Enum):
+        LORA = "LORA"
+
+    plain, live = peft_like(), peft_like(peft_type=Kind.LORA)
+    paths = [deltacodec.encode(tiny_adapter(c), bits=3, container=2, out=tmp_path / f"{i}.sld")
+             for i, c in enumerate((plain, live))]
+    assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
+    assert "peft_type" not in stored_metadata(paths[1])["adapter_config"]
