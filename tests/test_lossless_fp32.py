@@ -381,3 +381,26 @@ def test_f32_fields_follow_the_spec_layout_and_join_back():
         g = bytegroup.encode_fields(words[:n], "F32")
         back = bytegroup.decode_fields(g)
         assert back.dtype == np.uint32 and np.array_equal(back, words[:n])
+
+
+def test_sld_apply_adds_the_exact_fp32_factors_to_a_safetensors_base(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from cli_helpers import run_sld
+
+    rng = np.random.default_rng(9)
+    A = fp32_values("laplace", 4 * 40, rng).reshape(4, 40) * 10
+    B = fp32_values("gauss", 24 * 4, rng).reshape(24, 4) * 50
+    ad = Adapter(modules=[AdapterModule(name="base_model.model.model.q", A=A, B=B, scale=2.0)],
+                 config={"peft_type": "LORA"})
+    p = deltacodec.encode(ad, bits=32, out=str(tmp_path / "a.sld"))
+    W = rng.standard_normal((24, 40)).astype(np.float32)
+    save_file({"model.q.weight": W}, str(tmp_path / "base.safetensors"))
+    rc, _, err = run_sld(capsys, "apply", str(tmp_path / "base.safetensors"), p, "-o", str(tmp_path / "out.safetensors"),
+                         "-q")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "out.safetensors"))["model.q.weight"].astype(np.float64)
+    A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    want = W + 2.0 * (B64 @ A64)
+    bound = 8 * 2.0**-24 * (2.0 * (np.abs(B64) @ np.abs(A64)) + np.abs(want))  # as in the apply test above
+    assert np.all(np.abs(got - want) <= bound)
