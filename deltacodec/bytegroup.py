@@ -1,6 +1,7 @@
 """Lossless floats: exponent and sign+mantissa fields in separate streams.
 
-A float16, bfloat16 or float32 tensor is kept bit-exact (decoding gives back the same dtype and bits).
+A float16, bfloat16 or float32 tensor is kept bit-exact (decoding gives back the same dtype and
+bits).
 What compresses in a weight tensor is its exponent field (a few bits of entropy: values cluster
 within a few octaves); the mantissa bits are close to uniform. Interleaved as 16-bit words a
 byte-oriented coder sees both mixed in every byte; split apart, the exponent stream codes near
@@ -29,13 +30,11 @@ import numpy as np
 from . import rans
 from .freqtable import FreqTable, best_table, data_bits
 
-__all__ = ["DTYPES", "ALL_DTYPES", "WORD_BITS", "split_fields", "join_fields", "Grouped", "encode_fields", "decode_fields",
+__all__ = ["DTYPES", "ALL_DTYPES", "split_fields", "join_fields", "Grouped", "encode_fields", "decode_fields",
            "encode16", "decode16"]
 
 DTYPES = ("F16", "BF16")  # the 16-bit ones
 ALL_DTYPES = DTYPES + ("F32",)  # F32: spec 13.5's dtype 2 (extension f32_fields)
-#: Bits per word of each dtype (the unsigned bit patterns are uint16 or uint32).
-WORD_BITS = {"F16": 16, "BF16": 16, "F32": 32}
 
 
 def split_fields(bits: np.ndarray, dtype: str) -> list[np.ndarray]:
