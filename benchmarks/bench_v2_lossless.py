@@ -123,7 +123,8 @@ def files(args) -> None:
     import deltacodec
     from deltacodec.adapter import read_adapter
 
-    adapters = [("llama-shaped r16 x2", synthetic_adapter(16, layers=2)), ("llama-shaped r8 x1", synthetic_adapter(8, layers=1))]
+    adapters = [("llama-shaped r16 x2", synthetic_adapter(16, layers=2)),
+                ("llama-shaped r8 x1", synthetic_adapter(8, layers=1))]
     adapters += [(os.path.basename(os.path.normpath(d)), read_adapter(d)) for d in args.adapters or []]
     print(f"\n{'adapter (bits=32 file)':24s} {'values':>9} | bytes/value: {'fp32+zstd-3':>11} {'fp32+zstd-19':>12} "
           f"{'zipnn':>7} {'sld':>7} | sld/zstd-19 sld/zipnn  forms")

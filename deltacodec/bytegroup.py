@@ -44,7 +44,8 @@ def split_fields(bits: np.ndarray, dtype: str) -> list[np.ndarray]:
         w = np.ascontiguousarray(bits, dtype=np.uint32).reshape(-1)
         exp = ((w >> np.uint32(23)) & np.uint32(0xFF)).astype(np.uint8)
         top = (((w >> np.uint32(24)) & np.uint32(0x80)) | ((w >> np.uint32(16)) & np.uint32(0x7F))).astype(np.uint8)
-        return [exp, top, ((w >> np.uint32(8)) & np.uint32(0xFF)).astype(np.uint8), (w & np.uint32(0xFF)).astype(np.uint8)]
+        mid = ((w >> np.uint32(8)) & np.uint32(0xFF)).astype(np.uint8)
+        return [exp, top, mid, (w & np.uint32(0xFF)).astype(np.uint8)]
     b = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
     if dtype == "BF16":
         exp = ((b >> 7) & 0xFF).astype(np.uint8)

@@ -308,7 +308,8 @@ class _ParserV2(_Parser):
 
     def tensor(self, t: Any, name: str, where: str, shape: tuple[int, ...]) -> TensorEntry:
         """A tensor descriptor: ``[0, length, side]`` quantized, ``[1, length, side]`` lossless
-        float field streams (F16, BF16, F32), ``[2, length, dtype, compression]`` raw (the data area's CRC-32 is the root's)."""
+        float field streams (F16, BF16, F32), ``[2, length, dtype, compression]`` raw (the data
+        area's CRC-32 is the root's)."""
         if type(t) is not list or not t:
             raise self.fail(where, f"expected a tensor descriptor array, got {_tname(t)}")
         enc = t[0]

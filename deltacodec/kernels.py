@@ -899,7 +899,8 @@ def compile_for_gpu(
     argument equal to 1 -- rank 1, a one-row W -- into a constant; that only simplifies
     arithmetic and is not enumerated here.)  ``a_pass_through``/``b_pass_through``: the element
     type of a width-16 factor, ``"fp16"``, ``"bf16"`` (a lossless bf16 adapter's factors) or
-    ``"fp32"`` (a ``bits=32`` file's float32 factors): the same kernel source, another pointer type.  Must run without ``TRITON_INTERPRET``.
+    ``"fp32"`` (a ``bits=32`` file's float32 factors): the same kernel source, another pointer
+    type.  Must run without ``TRITON_INTERPRET``.
     """
     if _interpreting():
         raise ApplyError("compile_for_gpu needs TRITON_INTERPRET unset (the interpreter does not compile)")
