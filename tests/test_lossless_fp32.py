@@ -404,3 +404,34 @@ def test_sld_apply_adds_the_exact_fp32_factors_to_a_safetensors_base(tmp_path, c
     want = W + 2.0 * (B64 @ A64)
     bound = 8 * 2.0**-24 * (2.0 * (np.abs(B64) @ np.abs(A64)) + np.abs(want))  # as in the apply test above
     assert np.all(np.abs(got - want) <= bound)
+
+
+def test_damaged_f32_side_information_and_sections_fail_only_with_sld_errors(tmp_path):
+    """Random bit flips in an F32 tensor's side information and section, with the CRCs and
+    lengths made consistent again (so the reader's own rules, not the checksum, must catch them):
+    opening and verifying either succeeds or raises an SldError, never anything else."""
+    from deltacodec.errors import SldError
+
+    h, secs = v2ref.parse(f32_file(tmp_path))
+    rng = np.random.default_rng(10)
+    outcomes = {"ok": 0, "refused": 0}
+    for trial in range(150):
+        h2, s2 = copy.deepcopy(h), list(secs)
+        if trial % 2:
+            side = bytearray(h2["modules"][1]["B"][2])
+            side[rng.integers(len(side))] ^= 1 << int(rng.integers(8))
+            h2["modules"][1]["B"][2] = bytes(side)
+        else:
+            sec = bytearray(s2[3])
+            sec[rng.integers(len(sec))] ^= 1 << int(rng.integers(8))
+            s2[3] = bytes(sec)
+        p = tmp_path / "d.sld"
+        p.write_bytes(v2ref.build(h2, s2))
+        try:
+            deltacodec.load(str(p)).verify()
+            outcomes["ok"] += 1
+        except SldError:
+            outcomes["refused"] += 1
+    # flips in a stored mantissa byte are undetectable (any byte is a valid value); flips in the
+    # side information or the coded stream mostly are
+    assert outcomes["refused"] > 0 and outcomes["ok"] > 0
