@@ -1,6 +1,7 @@
-"""Lossless 16-bit floats: exponent and sign+mantissa fields in separate streams.
+"""Lossless floats: exponent and sign+mantissa fields in separate streams.
 
-A float16 or bfloat16 tensor is kept bit-exact (decoding gives back the same dtype and bits).
+A float16, bfloat16 or float32 tensor is kept bit-exact (decoding gives back the same dtype and
+bits).
 What compresses in a weight tensor is its exponent field (a few bits of entropy: values cluster
 within a few octaves); the mantissa bits are close to uniform. Interleaved as 16-bit words a
 byte-oriented coder sees both mixed in every byte; split apart, the exponent stream codes near
@@ -9,7 +10,10 @@ its entropy and the mantissa stream is stored (or coded when it is not uniform):
 * bfloat16 ``s eeeeeeee mmmmmmm``: exponent byte ``e``; other byte ``s·128 + m`` (8 bits);
 * float16 ``s eeeee mmmmmmmmmm``: exponent byte ``e`` (0..31); the sign and 10 mantissa bits
   as ``s·1024 + m`` split into a low byte ``m & 255`` and a high byte ``s·4 + (m >> 8)``
-  (0..7, entropy-coded with the exponent's coder: its top bits are not uniform).
+  (0..7, entropy-coded with the exponent's coder: its top bits are not uniform);
+* float32 ``s eeeeeeee m(23)``: exponent byte ``e``; ``s·128 + (m >> 16)`` (the bfloat16 pair:
+  an fp32 tensor's top half is its bfloat16 truncation); then the two low mantissa bytes, nearly
+  uniform in a trained tensor and so usually stored (spec 13.5, extension ``f32_fields``).
 
 Each stream is coded with the static rANS coder (one segment per stream, tables chosen per
 stream, a stream whose table would not pay is stored: ``table`` = None). Measured on
@@ -26,13 +30,22 @@ import numpy as np
 from . import rans
 from .freqtable import FreqTable, best_table, data_bits
 
-__all__ = ["DTYPES", "split_fields", "join_fields", "Grouped", "encode16", "decode16"]
+__all__ = ["DTYPES", "ALL_DTYPES", "split_fields", "join_fields", "Grouped", "encode_fields", "decode_fields",
+           "encode16", "decode16"]
 
-DTYPES = ("F16", "BF16")
+DTYPES = ("F16", "BF16")  # the 16-bit ones
+ALL_DTYPES = DTYPES + ("F32",)  # F32: spec 13.5's dtype 2 (extension f32_fields)
 
 
 def split_fields(bits: np.ndarray, dtype: str) -> list[np.ndarray]:
-    """The field streams (uint8 arrays, each ``n`` long) of 16-bit patterns ``bits``."""
+    """The field streams (uint8 arrays, each ``n`` long) of the bit patterns ``bits`` (uint16 for
+    F16/BF16, uint32 for F32)."""
+    if dtype == "F32":
+        w = np.ascontiguousarray(bits, dtype=np.uint32).reshape(-1)
+        exp = ((w >> np.uint32(23)) & np.uint32(0xFF)).astype(np.uint8)
+        top = (((w >> np.uint32(24)) & np.uint32(0x80)) | ((w >> np.uint32(16)) & np.uint32(0x7F))).astype(np.uint8)
+        mid = ((w >> np.uint32(8)) & np.uint32(0xFF)).astype(np.uint8)
+        return [exp, top, mid, (w & np.uint32(0xFF)).astype(np.uint8)]
     b = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
     if dtype == "BF16":
         exp = ((b >> 7) & 0xFF).astype(np.uint8)
@@ -43,23 +56,27 @@ def split_fields(bits: np.ndarray, dtype: str) -> list[np.ndarray]:
         lo = (b & 0xFF).astype(np.uint8)
         hi = (((b >> 13) & 0x4) | ((b >> 8) & 0x3)).astype(np.uint8)
         return [exp, hi, lo]
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    raise ValueError(f"dtype must be one of {ALL_DTYPES}, got {dtype!r}")
 
 
 def join_fields(streams: list[np.ndarray], dtype: str) -> np.ndarray:
-    """Inverse of :func:`split_fields`: the uint16 bit patterns."""
+    """Inverse of :func:`split_fields`: the uint16 bit patterns (uint32 for F32)."""
+    if dtype == "F32":
+        exp, top, mid, low = (f.astype(np.uint32) for f in streams)
+        return (((top & np.uint32(0x80)) << np.uint32(24)) | (exp << np.uint32(23))
+                | ((top & np.uint32(0x7F)) << np.uint32(16)) | (mid << np.uint32(8)) | low)
     if dtype == "BF16":
         exp, rest = (s.astype(np.uint16) for s in streams)
         return ((rest & 0x80) << 8) | (exp << 7) | (rest & 0x7F)
     if dtype == "F16":
         exp, hi, lo = (s.astype(np.uint16) for s in streams)
         return ((hi & 0x4) << 13) | (exp << 10) | ((hi & 0x3) << 8) | lo
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    raise ValueError(f"dtype must be one of {ALL_DTYPES}, got {dtype!r}")
 
 
 @dataclass
 class Grouped:
-    """A coded 16-bit tensor: per field stream, its table (None: stored raw in ``raw``)."""
+    """A coded float tensor: per field stream, its table (None: stored raw in ``raw``)."""
 
     dtype: str
     n: int
@@ -74,9 +91,9 @@ class Grouped:
             (t.side_bits() + 7) // 8 for t in self.tables if t is not None)
 
 
-def encode16(bits: np.ndarray, dtype: str, lanes: int = rans.LANES) -> Grouped:
-    """Split ``bits`` (uint16 patterns of a float16/bfloat16 tensor) into field streams and code
-    each with a rANS table when that beats storing its bytes."""
+def encode_fields(bits: np.ndarray, dtype: str, lanes: int = rans.LANES) -> Grouped:
+    """Split ``bits`` (uint16 patterns of a float16/bfloat16 tensor, uint32 of a float32 one)
+    into field streams and code each with a rANS table when that beats storing its bytes."""
     fields = split_fields(bits, dtype)
     n = fields[0].size
     tables: list[FreqTable | None] = []
@@ -101,8 +118,8 @@ def encode16(bits: np.ndarray, dtype: str, lanes: int = rans.LANES) -> Grouped:
     return Grouped(dtype, n, tables, raw, stream)
 
 
-def decode16(g: Grouped, lanes: int = rans.LANES) -> np.ndarray:
-    """The uint16 bit patterns back (bit-exact)."""
+def decode_fields(g: Grouped, lanes: int = rans.LANES) -> np.ndarray:
+    """The bit patterns back (bit-exact): uint16, or uint32 for F32."""
     segs = [(g.n, t) for t in g.tables if t is not None]
     coded = rans.decode(g.stream, segs, lanes) if segs else []
     fields = []
@@ -117,4 +134,8 @@ def decode16(g: Grouped, lanes: int = rans.LANES) -> np.ndarray:
         else:
             fields.append(coded[ci].astype(np.uint8))
             ci += 1
-    return join_fields(fields, g.dtype).astype(np.uint16)
+    return join_fields(fields, g.dtype).astype(np.uint32 if g.dtype == "F32" else np.uint16)
+
+
+encode16 = encode_fields  # the names of the 16-bit release
+decode16 = decode_fields

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg = e.add_mutually_exclusive_group()
     tg.add_argument("--bits", type=bits_arg, default=None,
                     help="1..8: k-means codebook of 2^N entries (ecsq/auto: N bits/param on average); 16: lossless "
-                         "(bf16/fp16 factors bit-exact with --container 2); default 3")
+                         "(bf16/fp16 factors bit-exact with --container 2, fp32 rounded to fp16); 32: lossless for "
+                         "fp32 too (container 2 only; --quantizer is ignored for 16 and 32); default 3")
     tg.add_argument("--size", type=size_arg, metavar="SIZE",
                     help="target file size: bytes, or with a unit (3MB, 512KiB); lands at or under it within 5%%")
     tg.add_argument("--bits-per-param", type=positive_arg("bits-per-param"), metavar="B",

@@ -95,7 +95,7 @@ def int_range_arg(what: str, ok: Callable[[int], bool], expect: str) -> Callable
     return parse
 
 
-bits_arg = int_range_arg("bits", lambda v: 1 <= v <= 8 or v == 16, "1..8 or 16")
+bits_arg = int_range_arg("bits", lambda v: 1 <= v <= 8 or v in (16, 32), "1..8, 16 or 32")
 level_arg = int_range_arg("level", lambda v: 0 <= v <= 22, "0..22")
 
 

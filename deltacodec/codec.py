@@ -24,6 +24,10 @@ __all__ = ["encode", "decode", "load", "default_output", "decoded_config", "floa
 
 Progress = Callable[[int, int, str], None]
 PASSTHROUGH_BITS = 16
+# bits=32: every factor bit-exact in its smallest exact form, float32 field streams when it
+# needs them (container 2 with the extension f32_fields)
+F32_BITS = 32
+LOSSLESS_BITS = (PASSTHROUGH_BITS, F32_BITS)
 # The container written when neither the quantizer nor the caller asks for one: version 1
 # for now, so that files made with today's options (k-means at fixed bits) stay byte-identical
 # for the readers and tools built on version 1; ecsq/auto and the rate targets write version 2.
@@ -136,7 +140,9 @@ def encode(
     The target, exactly one of (default ``bits=3``):
 
     * ``bits``: 1..8, or 16 (lossless: a factor whose values are exactly bfloat16 or float16, as a
-      bf16/fp16 adapter's are, is kept bit-exact; an fp32 factor is rounded to float16). With
+      bf16/fp16 adapter's are, is kept bit-exact; an fp32 factor is rounded to float16), or 32
+      (lossless for every factor: bf16/fp16 fields where exact, else float32 fields; container 2
+      only, ``quantizer`` ignored as for 16). With
       k-means/uniform a ``2**bits``-entry codebook per tensor; with ecsq/auto the same average
       bits per parameter (index and side information bits of the factors);
     * ``size``: the file's size in bytes (it lands at or under it, within 5 %);
@@ -174,21 +180,24 @@ def encode(
         raise EncodeError(f"unknown quantizer '{quantizer}', expected one of {', '.join(QUANTIZERS + V2_QUANTIZERS)}")
     container_asked = container
     if container is None:
-        # 16 bits means lossless, which only version 2 is for bf16 sources
-        lossless = kind == "bits" and value == PASSTHROUGH_BITS
+        # 16/32 bits mean lossless, which only version 2 is for bf16 and fp32 sources
+        lossless = kind == "bits" and value in LOSSLESS_BITS
         container = 2 if quantizer in V2_QUANTIZERS or lossless else DEFAULT_CONTAINER
     if container not in (1, 2):
         raise EncodeError(f"container must be 1 or 2, got {container!r}")
     if kind == "bits":
-        if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == PASSTHROUGH_BITS):
-            raise EncodeError(f"bits must be 1..8 or 16, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits in LOSSLESS_BITS):
+            raise EncodeError(f"bits must be 1..8, 16 or 32, got {bits!r}")
+        if bits == F32_BITS and container == 1:
+            raise EncodeError("bits=32 (lossless float32) needs container version 2 (float32 field streams); "
+                              "container=1 stores at most float16: use container=2 or bits=16")
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and value < float("inf")):
             raise EncodeError(f"{kind} must be a positive finite number, got {value!r}")
         if quantizer in QUANTIZERS:
             raise EncodeError(f"a {kind} target needs rate control: quantizer 'ecsq' or 'auto', not '{quantizer}' "
                               "(k-means takes a fixed number of bits)")
-    rate_controlled = quantizer in V2_QUANTIZERS and bits != PASSTHROUGH_BITS
+    rate_controlled = quantizer in V2_QUANTIZERS and bits not in LOSSLESS_BITS
     if container == 1 and quantizer in V2_QUANTIZERS:
         raise EncodeError(f"quantizer '{quantizer}' needs container version 2 (rANS-coded indices); container 1 "
                           "holds k-means/uniform codebooks and 16-bit factors only")
@@ -282,9 +291,10 @@ def _metadata(adapter: Adapter) -> dict[str, Any]:
     return metadata
 
 
-def _extras(adapter: Adapter, level: int, version: int, lanes: int) -> list[dict[str, Any]]:
+def _extras(adapter: Adapter, level: int, version: int, lanes: int, f32_fields: bool = False) -> list[dict[str, Any]]:
     """The tensors stored losslessly beside the factors: raw (zstd when it pays); in version 2
-    F16/BF16 ones as field streams when that is smaller."""
+    F16/BF16 ones as field streams when that is smaller, and with ``f32_fields`` (``bits=32``)
+    F32 ones too."""
     from .encode_v2 import lossless_tensor
 
     tensors = []
@@ -293,7 +303,8 @@ def _extras(adapter: Adapter, level: int, version: int, lanes: int) -> list[dict
         section, comp = compress(_raw_section(values, dt), level)
         t = {"name": name, "shape": values.shape, "encoding": "raw", "dtype": dt, "compression": comp,
              "section": section}
-        if version == 2 and dt in ("F16", "BF16") and values.size and np.isfinite(values).all():
+        fields = ("F16", "BF16", "F32") if f32_fields else ("F16", "BF16")
+        if version == 2 and dt in fields and values.size and np.isfinite(values).all():
             f = lossless_tensor(values, dt, lanes)
             if len(f["section"]) + len(f["side"]) < len(section):
                 f["name"] = name
@@ -311,9 +322,11 @@ def _module_dict(m: Any, A: dict[str, Any], B: dict[str, Any]) -> dict[str, Any]
 def _v2_fixed_factor(values: np.ndarray, name: str, bits: int, quantizer: str) -> dict[str, Any]:
     """A factor at fixed bits in version 2: k-means/uniform exactly as in version 1 (the same
     codebook and indices), indices rANS-coded; float16 field streams instead when no larger and
-    no less accurate (the rule of :func:`_factor`). ``bits`` 16: lossless (see encode)."""
-    from .encode_v2 import f16_tensor, kmeans_tensor, lossless_dtype, lossless_tensor
+    no less accurate (the rule of :func:`_factor`). ``bits`` 16 and 32: lossless (see encode)."""
+    from .encode_v2 import f16_tensor, kmeans_tensor, lossless_dtype, lossless_tensor, smallest_exact_tensor
 
+    if bits == F32_BITS:
+        return smallest_exact_tensor(values, LANES)
     if bits == PASSTHROUGH_BITS:
         dt = lossless_dtype(values)
         return lossless_tensor(values, dt, LANES) if dt else f16_tensor(values, name, LANES)
@@ -334,7 +347,7 @@ def _v2_fixed_factor(values: np.ndarray, name: str, bits: int, quantizer: str) -
 def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, value: float, quantizer: str,
                level: int, progress: Progress | None, refit: bool, src: Any) -> bytes:
     """The bytes of a version-2 file (checked by the reader's rules before they are returned)."""
-    extras = _extras(adapter, level, 2, LANES)
+    extras = _extras(adapter, level, 2, LANES, f32_fields=kind == "bits" and value == F32_BITS)
     mods = adapter.modules
     total = len(mods)
 
@@ -344,7 +357,7 @@ def _encode_v2(adapter: Adapter, metadata: dict[str, Any], out: str, kind: str, 
         except EncodeError as exc:
             raise EncodeError(f"encoding {_src_name(src)}: {exc}") from None
 
-    if quantizer in QUANTIZERS or value == PASSTHROUGH_BITS and kind == "bits":
+    if quantizer in QUANTIZERS or value in LOSSLESS_BITS and kind == "bits":
         modules = []
         for i, m in enumerate(mods):
             if progress:

@@ -54,6 +54,7 @@ from .header import (
 )
 from .header_v2 import parse_header_v2
 from .pack import padding_is_zero, unpack_indices
+from .sideinfo import F32_EXTENSION
 
 __all__ = [
     "MAGIC",
@@ -99,7 +100,7 @@ CHUNK_ELEMENTS = 1 << 20
 _WHOLE_SECTION = 4 << 20
 _IO_CHUNK = 4 << 20
 _NO_LIMIT = 1 << 62
-_JOIN_RUN = 1 << 16  # version-2 field streams are joined into 16-bit words this many at a time
+_JOIN_RUN = 1 << 16  # version-2 field streams are joined into 16/32-bit words this many at a time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,8 +438,8 @@ class SldFile:
 
     def _decode_v2(self, e: TensorEntry, sec: bytes) -> bytes:
         """A version-2 section (CRC already checked) decoded to the tensor's payload: one byte
-        per symbol (index - imin) for a quantized tensor, the little-endian 16-bit words for a
-        lossless one. Memory: the section and the payload, about the tensor's size."""
+        per symbol (index - imin) for a quantized tensor, the little-endian 16-bit words (32-bit
+        for F32) for a lossless one. Memory: the section and the payload, about the tensor's size."""
         lanes, side = e.coder
         n = e.numel
         try:
@@ -452,7 +453,7 @@ class SldFile:
                 raise rans.RansError(f"{len(sec)} bytes do not hold a stream and {n_stored} stored field "
                                      f"streams of {n} bytes")
             sym = rans.decode_symbols(sec[:stream_len], [(n, t) for t in coded], lanes) if coded else None
-            out = np.empty(n, dtype="<u2")
+            out = np.empty(n, dtype="<u4" if side.dtype == "F32" else "<u2")
             # joined in runs, so the temporaries of the join stay small beside the symbols
             for lo in range(0, n, _JOIN_RUN):
                 hi = min(n, lo + _JOIN_RUN)
@@ -997,6 +998,11 @@ def serialize_v2(
         crc = zlib.crc32(sec, crc)
     header = {"metadata": metadata, "defaults": defaults, "lanes": int(lanes), "crc32": crc, "modules": mods,
               "tensors": extras}
+    every = [mod[w] for mod in modules for w in ("A", "B")] + list(tensors)
+    if any(t["encoding"] == "f" and t.get("dtype") == "F32" for t in every):
+        # spec 15: float32 field streams are an extension old version-2 readers must refuse;
+        # written only when used, so every other file keeps its bytes
+        header["required"] = [F32_EXTENSION]
     return _assemble(header, VERSION_2, sections, name)
 
 

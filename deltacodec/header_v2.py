@@ -4,12 +4,12 @@ names prefix-compressed and each tensor's side information carried in its map.
 
 Root map: ``metadata`` (map), ``defaults`` (map: module fields shared by all modules),
 ``lanes`` (int 1..32: rANS lanes of every stream), ``modules`` and ``tensors`` (arrays), and
-optionally ``required`` (array of extension names, none defined: a reader rejects any it does
-not know). Other root keys are ignored (section 15).
+optionally ``required`` (array of extension names: this reader implements ``f32_fields``, float32
+field streams, and rejects any other). Other root keys are ignored (section 15).
 
 Entries become the same :class:`~deltacodec.header.TensorEntry` / ``ModuleEntry`` as version 1,
 so every consumer works unchanged: a quantized tensor is a ``codebook`` entry of width 8 whose
-"codebook" is its symbol → value table (compression ``"rans"``), a lossless 16-bit tensor a
+"codebook" is its symbol → value table (compression ``"rans"``), a lossless float tensor a
 ``raw`` entry of its dtype (compression ``"fields"``); ``TensorEntry.coder`` holds the parsed
 side information.
 """
@@ -42,7 +42,7 @@ from .header import (
     run_parser,
     show,
 )
-from .sideinfo import SideInfoError, read_fields, read_quant
+from .sideinfo import F32_EXTENSION, SideInfoError, read_fields, read_quant
 from .config_defaults import restore as restore_config_defaults
 
 __all__ = ["parse_header_v2", "ROOT_KEYS", "MODULE_FIELDS", "MAX_LANES"]
@@ -51,6 +51,8 @@ ROOT_KEYS = ("metadata", "defaults", "lanes", "crc32", "modules", "tensors")
 OPTIONAL_ROOT = ("required",)
 MODULE_FIELDS = ("kind", "scale", "omega", "gamma", "fan_in_fan_out")
 MAX_LANES = 32
+#: Extensions (spec 15) this reader implements: names a file's ``required`` may list.
+EXTENSIONS = (F32_EXTENSION,)
 _MOD_KEYS = frozenset(("name", "p", "shape", "A", "B", "weight_shape") + MODULE_FIELDS)
 _EXTRA_KEYS = frozenset(("name", "p", "shape", "t"))
 _U32 = 0xFFFFFFFF
@@ -68,6 +70,8 @@ class _ParserV2(_Parser):
         hdr = Header(metadata={})
         self.defaults: dict[str, Any] | None = None
         self.lanes: int | None = None
+        self.required: list[str] = []
+        self.f32_fields: list[str] = []  # tensors stored as F32 field streams (extension f32_fields)
         self.prev_name = b""
         for _ in range(n):
             key = self.key("root", seen)
@@ -91,6 +95,13 @@ class _ParserV2(_Parser):
         missing = [k for k in ROOT_KEYS if k not in seen]
         if missing:
             raise self.fail("root", f"missing key '{missing[0]}'")
+        if self.f32_fields and F32_EXTENSION not in self.required:
+            # spec 15: an old version-2 reader cannot decode F32 fields; only the file's
+            # 'required' makes it refuse them, so a file that uses them without saying so is broken
+            raise self.fail(f"tensor '{self.f32_fields[0]}'",
+                            f"stored as F32 field streams (side-information dtype 2) but the root 'required' "
+                            f"does not list {F32_EXTENSION!r} (spec 15); expected required "
+                            f"[{F32_EXTENSION!r}]")
         end = self.u.tell()
         if end != len(self.data):
             raise self.fail("root", f"{len(self.data) - end} bytes after the header map (at byte {end}); "
@@ -128,9 +139,11 @@ class _ParserV2(_Parser):
         elif key == "required":
             if type(obj) is not list or any(type(v) is not str for v in obj):
                 raise self.fail(where, "expected an array of str")
-            if obj:
-                raise self.fail(where, f"the file requires the extension {show(obj[0])}, which this reader "
-                                       "does not implement (section 15)")
+            unknown = [v for v in obj if v not in EXTENSIONS]
+            if unknown:
+                raise self.fail(where, f"the file requires the extension {show(unknown[0])}, which this reader "
+                                       f"does not implement (section 15; known: {', '.join(EXTENSIONS)})")
+            self.required = list(obj)
         else:
             d = self.as_map(obj, where)
             for k in d:
@@ -295,7 +308,8 @@ class _ParserV2(_Parser):
 
     def tensor(self, t: Any, name: str, where: str, shape: tuple[int, ...]) -> TensorEntry:
         """A tensor descriptor: ``[0, length, side]`` quantized, ``[1, length, side]`` lossless
-        16-bit, ``[2, length, dtype, compression]`` raw (the data area's CRC-32 is the root's)."""
+        float field streams (F16, BF16, F32), ``[2, length, dtype, compression]`` raw (the data
+        area's CRC-32 is the root's)."""
         if type(t) is not list or not t:
             raise self.fail(where, f"expected a tensor descriptor array, got {_tname(t)}")
         enc = t[0]
@@ -334,8 +348,10 @@ class _ParserV2(_Parser):
         if length < q.stored * numel:
             raise self.fail(f"{where}[1]", f"{length} bytes cannot hold {q.stored} stored field streams of {numel} bytes")
         bound = F16_MAX if q.dtype == "F16" else None
-        return TensorEntry(name, shape, "raw", 16, 0, None, q.dtype, None, None, "fields", offset, length, crc,
-                           bound, (self.lanes, q))
+        if q.dtype == "F32":
+            self.f32_fields.append(name)
+        return TensorEntry(name, shape, "raw", RAW_DTYPES[q.dtype][1] * 8, 0, None, q.dtype, None, None, "fields",
+                           offset, length, crc, bound, (self.lanes, q))
 
 
 def parse_header_v2(decoded: bytes, label: str) -> Header:

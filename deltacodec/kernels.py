@@ -82,7 +82,8 @@ __all__ = [
 
 #: Weight dtypes the apply path supports.
 W_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-#: Kernel field widths: 1..8 are bit-packed index streams, 16 is a pass-through fp16 factor.
+#: Kernel field widths: 1..8 are bit-packed index streams, 16 is a pass-through float factor
+#: (fp16, bf16, or fp32 from a ``bits=32`` file: the same kernel, another pointer type).
 FACTOR_WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 #: Rank is padded to one of these (a power of two >= 16, the smallest K tl.dot accepts); ranks
 #: above the largest are processed in several steps of that size.  No 64: with K = 64 the fp32
@@ -90,6 +91,7 @@ FACTOR_WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 #: two steps of 32 cost nothing measurable (64x64 tile, 8 warps: 80 registers on sm_80).
 RANK_BLOCKS: tuple[int, ...] = (16, 32)
 
+_PASS_THROUGH = (torch.float16, torch.bfloat16, torch.float32)  # a bits=16 (pass-through) factor's dtypes
 _ENV_BACKEND = "DELTACODEC_BACKEND"
 _BACKENDS = ("torch", "triton")
 
@@ -107,8 +109,9 @@ class PackedFactor:
     ``shape``) occupies stream bits ``[i*width, (i+1)*width)``, LSB-first: stream bit ``j`` is
     ``(data[j >> 3] >> (j & 7)) & 1`` and the element's index is ``sum_t bit(i*width + t) << t``.
     Fields straddle bytes when ``width`` is 3, 5, 6 or 7.  ``len(data) == ceil(numel*width/8)``.
-    For ``bits == 16``: a float16 or bfloat16 tensor of shape ``shape`` (pass-through, no
-    codebook; both widen exactly to fp32, and the Triton kernel loads either, as its pointer says).
+    For ``bits == 16``: a float16, bfloat16 or float32 tensor of shape ``shape`` (pass-through,
+    no codebook; each widens exactly to fp32, and the Triton kernel loads any, as its pointer
+    says).
 
     ``codebook``: float32, length ``2**bits`` (bits 1..8); ``None`` for 16.
     ``width``: field width, ``bits <= width <= 8`` (ignored for 16).
@@ -140,9 +143,9 @@ def _check_factor(f: PackedFactor, name: str) -> None:
         raise SldFormatError(f"factor {name}: shape must be two positive sizes, got {shape}")
     numel = int(shape[0]) * int(shape[1])
     if f.bits == 16:
-        if f.data.dtype not in (torch.float16, torch.bfloat16) or tuple(f.data.shape) != shape:
+        if f.data.dtype not in _PASS_THROUGH or tuple(f.data.shape) != shape:
             raise SldFormatError(
-                f"factor {name}: bits=16 expects a float16 or bfloat16 tensor of shape {shape}, "
+                f"factor {name}: bits=16 expects a float16, bfloat16 or float32 tensor of shape {shape}, "
                 f"got {f.data.dtype} {tuple(f.data.shape)}"
             )
         if f.codebook is not None:
@@ -895,8 +898,9 @@ def compile_for_gpu(
     (as for LLaMA shapes), carry the divisible-by-16 hint.  (The JIT further turns an int
     argument equal to 1 -- rank 1, a one-row W -- into a constant; that only simplifies
     arithmetic and is not enumerated here.)  ``a_pass_through``/``b_pass_through``: the element
-    type of a width-16 factor, ``"fp16"`` or ``"bf16"`` (a lossless bf16 adapter's factors; the
-    same kernel source, another pointer type).  Must run without ``TRITON_INTERPRET``.
+    type of a width-16 factor, ``"fp16"``, ``"bf16"`` (a lossless bf16 adapter's factors) or
+    ``"fp32"`` (a ``bits=32`` file's float32 factors): the same kernel source, another pointer
+    type.  Must run without ``TRITON_INTERPRET``.
     """
     if _interpreting():
         raise ApplyError("compile_for_gpu needs TRITON_INTERPRET unset (the interpreter does not compile)")
@@ -904,8 +908,8 @@ def compile_for_gpu(
         raise ApplyError(f"widths must be in {FACTOR_WIDTHS}, got {a_width}, {b_width}")
     if w_dtype not in W_DTYPES or block_r not in RANK_BLOCKS:
         raise ApplyError(f"unsupported w_dtype {w_dtype} or block_r {block_r}")
-    if a_pass_through not in ("fp16", "bf16") or b_pass_through not in ("fp16", "bf16"):
-        raise ApplyError(f"pass-through factors are fp16 or bf16, got {a_pass_through}, {b_pass_through}")
+    if a_pass_through not in ("fp16", "bf16", "fp32") or b_pass_through not in ("fp16", "bf16", "fp32"):
+        raise ApplyError(f"pass-through factors are fp16, bf16 or fp32, got {a_pass_through}, {b_pass_through}")
     kernel = _triton_kernel()
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 

@@ -349,10 +349,11 @@ def packed_factor(f: SldFile, entry: TensorEntry, device: "torch.device | str"):
         cb = torch.from_numpy(codebook.copy()).to(device)
         return PackedFactor(data, cb, entry.bits, entry.width, tuple(entry.shape))
     values = f.raw_array(entry)
-    if entry.dtype not in ("F16", "BF16"):
-        # The kernels take codebooks or 16-bit pass-through; rounding another writer's F32/F64
-        # factors to 16 bits would silently change them.
-        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook, F16 and BF16 factors")
+    if entry.dtype not in ("F16", "BF16", "F32"):
+        # The kernels take codebooks or fp16/bf16/fp32 pass-through; rounding an F64 factor to
+        # float32 would silently change it.
+        raise ApplyError(f"{f.path}: tensor '{entry.name}' is raw {entry.dtype}; apply supports codebook, F16, BF16 "
+                         "and F32 factors")
     data = torch.from_numpy(values.copy())
     if entry.dtype == "BF16":  # the reader widened it to float32 exactly; narrowing back is exact too
         data = data.to(torch.bfloat16)

@@ -6,8 +6,9 @@ the header (key ``x`` of a tensor map):
 * a *quantized* tensor (``e: "q"``): ``method:1`` (0 = ECSQ, 1 = k-means codebook), the
   frequency table of its indices (freqtable), then the method's parameters. Its section is one
   rANS stream of ``numel`` symbols.
-* a *lossless 16-bit* tensor (``e: "f"``): ``dtype:2`` (0 = F16, 1 = BF16), then per field
-  stream (3 for F16, 2 for BF16, bytegroup) ``coded:1`` and, when coded, its table. Its section
+* a *lossless float* tensor (``e: "f"``): ``dtype:2`` (0 = F16, 1 = BF16, 2 = F32: the
+  extension ``f32_fields``, which the header's ``required`` must list), then per field stream
+  (3 for F16, 2 for BF16, 4 for F32, bytegroup) ``coded:1`` and, when coded, its table. Its section
   is the rANS stream of the coded fields followed by the stored fields (``numel`` bytes each).
 
 Parsing validates everything a decoder needs before it touches the section: the table (sums to
@@ -27,13 +28,15 @@ from .bitio import BitReader, BitstreamError, BitWriter
 from .freqtable import FreqTable
 
 __all__ = ["MAX_SYMBOLS_Q", "QuantSide", "FieldSide", "read_quant", "read_fields", "write_fields",
-           "FIELD_DTYPES", "SideInfoError"]
+           "FIELD_DTYPES", "F32_EXTENSION", "SideInfoError"]
 
 # The fused apply kernels read 8-bit index fields: a quantized tensor's alphabet is capped at 256
 # symbols (the symbol, index - imin, is the kernel's field value).
 MAX_SYMBOLS_Q = 256
-FIELD_DTYPES = ("F16", "BF16")
-_N_FIELDS = {"F16": 3, "BF16": 2}
+FIELD_DTYPES = ("F16", "BF16", "F32")  # dtype codes 0, 1, 2 (3 is an error)
+_N_FIELDS = {"F16": 3, "BF16": 2, "F32": 4}
+#: The root ``required`` name a file with F32 field streams lists (spec 15).
+F32_EXTENSION = "f32_fields"
 
 
 class SideInfoError(ValueError):
@@ -67,7 +70,8 @@ class QuantSide:
 
 @dataclass(frozen=True, eq=False)
 class FieldSide:
-    """A lossless 16-bit tensor: dtype and, per field stream, its table (None: stored)."""
+    """A lossless float tensor: dtype (F16, BF16, F32) and, per field stream, its table (None:
+    stored)."""
 
     dtype: str
     tables: tuple[FreqTable | None, ...]
@@ -137,12 +141,13 @@ def read_quant(data: bytes) -> QuantSide:
 
 
 def read_fields(data: bytes) -> FieldSide:
-    """Parse a lossless 16-bit tensor's side information (raises SideInfoError)."""
+    """Parse a lossless float tensor's side information (raises SideInfoError). Dtype code 2
+    (F32) parses here; the header checks that the file lists its extension."""
     br = _reader(data)
     try:
         code = br.bits(2)
-        if code > 1:
-            raise SideInfoError(f"field dtype code {code} is not 0 (F16) or 1 (BF16)")
+        if code >= len(FIELD_DTYPES):
+            raise SideInfoError(f"field dtype code {code} is not 0 (F16), 1 (BF16) or 2 (F32)")
         dtype = FIELD_DTYPES[code]
         tables: list[FreqTable | None] = []
         for _ in range(_N_FIELDS[dtype]):

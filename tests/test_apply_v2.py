@@ -95,19 +95,20 @@ def test_a_lossless_bf16_adapter_applies_its_exact_factors(tmp_path, backend):
         assert np.abs(d).max() > 1e-3
 
 
-def test_a_raw_float32_factor_is_refused_naming_it(tmp_path):
-    """Only codebook and 16-bit pass-through factors reach the kernels: rounding another writer's
-    float32 factor to 16 bits would silently change it."""
+def test_a_raw_float64_factor_is_refused_naming_it(tmp_path):
+    """Only codebook and fp16/bf16/fp32 pass-through factors reach the kernels: rounding another
+    writer's float64 factor to float32 would silently change it. (A raw F32 factor, as a
+    bits=32 file holds, applies exactly: tests/test_lossless_fp32.py.)"""
     from sldtools import assemble, lora_module, raw_tensor
 
     m = lora_module("lin", out_f=4, in_f=6, rank=2)
-    ta, sa = raw_tensor(np.ones((2, 6), dtype=np.float32) / 3, "F32")
+    ta, sa = raw_tensor(np.ones((2, 6), dtype=np.float64) / 3, "F64")
     tb, sb = raw_tensor(np.ones((4, 2), dtype=np.float32), "F16")
     m["A"], m["B"] = ta, tb
-    (tmp_path / "f32.sld").write_bytes(assemble([m], [], [sa, sb]))
+    (tmp_path / "f64.sld").write_bytes(assemble([m], [], [sa, sb]))
     lin = torch.nn.Sequential()
     lin.add_module("lin", torch.nn.Linear(6, 4, bias=False))
     w0 = lin.lin.weight.detach().clone()
-    with pytest.raises(deltacodec.ApplyError, match=r"f32\.sld: tensor 'lin\.lora_A\.weight' is raw F32; apply supports codebook, F16 and BF16"):
-        deltacodec.apply(lin, str(tmp_path / "f32.sld"))
+    with pytest.raises(deltacodec.ApplyError, match=r"f64\.sld: tensor 'lin\.lora_A\.weight' is raw F64; apply supports codebook, F16, BF16 and F32"):
+        deltacodec.apply(lin, str(tmp_path / "f64.sld"))
     assert torch.equal(lin.lin.weight.detach(), w0)

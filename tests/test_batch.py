@@ -731,7 +731,7 @@ def test_cli_usage_and_error_conventions(small, capsys):
     rc, out, err = _run(capsys, "batch", "encode", small["src"], small["dst"], "--workers", "0")
     assert_usage_error(rc, err, "workers must be at least 1")
     rc, out, err = _run(capsys, "batch", "encode", small["src"], small["dst"], "--bits", "9")
-    assert_usage_error(rc, err, "bits must be 1..8 or 16")
+    assert_usage_error(rc, err, "bits must be 1..8, 16 or 32")
     rc, out, err = _run(capsys, "batch", "encode", small["src"] / "nope", small["dst"])
     assert_one_line_error(rc, err, "nope: no such file or directory")
     rc, out, err = _run(capsys, "batch", "encode", small["src"] / "d0" / "adapter_model.safetensors", small["dst"])

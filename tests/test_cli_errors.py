@@ -165,7 +165,7 @@ def test_run_warnings_and_errors_start_on_their_own_line_after_a_progress_bar(ca
         ((), "required: VERB"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
         (("encode",), "ADAPTER"),
-        (("encode", "a", "--bits", "9"), "bits must be 1..8 or 16, got 9"),
+        (("encode", "a", "--bits", "9"), "bits must be 1..8, 16 or 32, got 9"),
         (("encode", "a", "--bits", "three"), "bits: expected an integer, got 'three'"),
         (("encode", "a", "--level", "23"), "level must be 0..22, got 23"),
         (("encode", "a", "--level", "-1"), "level must be 0..22"),

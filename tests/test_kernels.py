@@ -753,6 +753,11 @@ def aot_cases() -> list[dict]:
              aligned=True, a_pass_through="bf16"),
         dict(arch=90, a_width=16, b_width=16, w_dtype="float16", block_r=32, sine=False, fan_in_fan_out=True,
              aligned=True, a_pass_through="bf16", b_pass_through="bf16"),
+        # fp32 pass-through factors (a bits=32 file's float32 factors)
+        dict(arch=90, a_width=16, b_width=16, w_dtype="float32", block_r=16, sine=False, fan_in_fan_out=False,
+             aligned=True, a_pass_through="fp32", b_pass_through="fp32"),
+        dict(arch=80, a_width=3, b_width=16, w_dtype="bfloat16", block_r=32, sine=True, fan_in_fan_out=True,
+             aligned=True, b_pass_through="fp32"),
     ]
 
 

@@ -231,6 +231,9 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
             table, vals = quant_values(t[2])
             (syms,) = rans_decode(sec, [(n, table)], lanes)
             out[name] = np.array([vals[s] for s in syms], dtype=np.float32)
+        elif t[0] == 1 and Bits(t[2]).read(2) == 2:  # F32 fields (13.5, extension of 15)
+            assert "f32_fields" in header.get("required", []), f"{name}: F32 fields without 'required'"
+            out[name] = fields32_decode(t[2], sec, n, lanes).view(np.float32)
         elif t[0] == 1:
             dtype, words = fields_decode(t[2], sec, n, lanes)
             w = np.asarray(words, dtype=np.uint16)
@@ -289,3 +292,33 @@ def restore_config(metadata: dict) -> dict:
         elif k != "adapter_config_elided":
             out[k] = v
     return out
+
+
+# spec 13.5, dtype 2 (F32), under the extension "f32_fields" of section 15
+
+
+def fields32_decode(side: bytes, sec: bytes, n: int, lanes: int) -> np.ndarray:
+    """The uint32 words of an F32 field-stream tensor: streams e, s·128 + (m >> 16),
+    (m >> 8) mod 256, m mod 256, each rANS-coded (in one stream, in this order) or stored."""
+    b = Bits(side)
+    assert b.read(2) == 2
+    tables = [read_table(b) if b.read(1) else None for _ in range(4)]
+    b.done()
+    for t in tables:
+        assert t is None or (t[1] >= 0 and t[1] + len(t[2]) - 1 <= 255), "field alphabet outside 0..255"
+    stored = sum(t is None for t in tables)
+    slen = len(sec) - stored * n
+    assert slen >= 0, "section too short for the stored fields"
+    coded = rans_decode(sec[:slen], [(n, t) for t in tables if t is not None], lanes) if slen else []
+    fields, ci, ri = [], 0, 0
+    for t in tables:
+        if t is None:
+            fields.append(np.frombuffer(sec[slen + ri * n: slen + (ri + 1) * n], np.uint8).astype(np.uint32))
+            ri += 1
+        else:
+            fields.append(np.array(coded[ci], dtype=np.uint32) + t[1])
+            ci += 1
+    e, top, mid, low = fields
+    s = top >> 7
+    m = ((top & 0x7F) << 16) | (mid << 8) | low
+    return ((s << 31) | (e << 23) | m).astype(np.uint32)

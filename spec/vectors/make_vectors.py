@@ -72,6 +72,10 @@ VECTORS = {
                              container=2),
     "v2_lossless_fp16_bf16": dict(kind="lora", bits=16, level=1, quantizer="kmeans", extras=True, container=2,
                                   factor_dtypes=("float16", "bfloat16"), scale=4),
+    # bits 32: float32 factors bit-exact as F32 field streams (extension f32_fields), special
+    # values included; one exactly-bfloat16 factor stays BF16 (the smallest exact form)
+    "v2_lossless_fp32": dict(kind="lora", bits=32, level=1, quantizer="kmeans", extras=True, container=2,
+                             fp32_specials=True, scale=2),
     "v2_kmeans_4bit_extras": dict(kind="sine", bits=4, level=1, quantizer="kmeans", extras=False, scale=4,
                                   saved=True, container=2),
     # a config as PEFT's save_pretrained writes it: stored without table 1's default-valued keys (12.5)
@@ -118,6 +122,16 @@ def source(name: str, spec: dict) -> str:
                 flat = t.view(-1)
                 flat[0], flat[1], flat[2] = 0.0, -0.0, torch.finfo(dt).tiny / 4  # ±0 and a subnormal
                 tensors[key] = t
+    if spec.get("fp32_specials"):
+        (a0, b0), (a1, b1) = ([f"base_model.model.{mod}.lora_{x}.weight" for x in "AB"] for mod in shapes)
+        flat = tensors[a0].view(-1)
+        # ±0, float32 subnormals (the smallest, and one of each sign), values near 2^±100
+        flat[:7] = torch.tensor([0.0, -0.0, 1e-45, -2.5e-41, 1.1e-38, 2.0**100 * 1.1, -(2.0**-100) * 1.3])
+        tensors[a1] = torch.full_like(tensors[a1], 0.1)  # a constant, not exactly 16-bit
+        tensors[b1] = (tensors[b1].view(torch.int32) & -65536).view(torch.float32)  # exactly bfloat16
+        big = rng.laplace(0, 0.01, 256).astype(np.float32)
+        big[:2] = [3.4028235e38, -3.3e38]  # near the float32 maximum
+        tensors["base_model.model.score.weight"] = torch.from_numpy(big)
     if spec["extras"]:
         tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.from_numpy(
             rng.normal(1, 0.1, 12).astype(np.float32)).to(torch.bfloat16)
@@ -725,6 +739,35 @@ def invalid_v2(add) -> None:
         h["tensors"][0].__setitem__("t", [1, 0, _side(("b", 0, 2), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1))]),
         h["tensors"][0].__setitem__("shape", [5]))),
         F, "13.5", "a 5-value float16 tensor with 3 stored field streams in 12 bytes")
+    # float32 field streams (13.5, extension f32_fields of 15): the extra 'x' (3 values) as F32
+    # fields, all four streams stored (12 bytes)
+    f32_all_stored = _side(("b", 2, 2), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1))
+    x_words = np.array([1.0, -2.0, 3.0], "<f4").view("<u4")
+    x_fields = (((x_words >> 23) & 0xFF).astype(np.uint8).tobytes()
+                + ((((x_words >> 24) & 0x80) | ((x_words >> 16) & 0x7F)).astype(np.uint8)).tobytes()
+                + ((x_words >> 8) & 0xFF).astype(np.uint8).tobytes() + (x_words & 0xFF).astype(np.uint8).tobytes())
+
+    def f32_extra(side: bytes, section: bytes, announce: bool = True):
+        def fn(h, secs):
+            h["tensors"][0]["t"] = [1, 0, side]
+            secs[2] = section
+            if announce:
+                h["required"] = ["f32_fields"]
+        return fn
+
+    add("v2_f32_fields_without_required", v2_changed(f32_extra(f32_all_stored, x_fields, announce=False)),
+        F, "13.5", "a tensor stored as F32 field streams in a file whose 'required' does not list 'f32_fields'")
+    add("v2_fields_dtype_3", v2_changed(f32_extra(
+        _side(("b", 3, 2), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1)), x_fields)),
+        F, "13.5", "field dtype code 3 (required lists 'f32_fields')")
+    add("v2_f32_fields_too_short", v2_changed(f32_extra(f32_all_stored, x_fields[:-1])),
+        F, "13.5", "a 3-value F32 tensor with 4 stored field streams in 11 bytes")
+    # stream 0 coded under a param table over 250..260, the others stored
+    add("v2_f32_table_alphabet", v2_changed(f32_extra(
+        _side(("b", 2, 2), ("b", 1, 1), ("b", 1, 1), ("b", 7, 4), ("s", 250), ("s", 260 + 250), ("b", 0, 4),
+              ("s", 0), ("s", 1), ("b", 0, 1), ("b", 0, 1), ("b", 0, 1)),
+        struct.pack("<II", 1 << 16, 1 << 16) + x_fields[3:])),
+        F, "13.5", "an F32 exponent stream whose table covers 250..260, outside 0..255")
     add("v2_too_many_entries", v2_build(None, list(secs0[:2]), fix=False, raw=(
         b"\x86" + kv("metadata", {}) + kv("defaults", h0["defaults"]) + kv("lanes", 2) + kv("crc32", 0)
         + msgpack.packb("modules") + msgpack.packb(hf["modules"], use_bin_type=True)
