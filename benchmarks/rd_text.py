@@ -522,6 +522,13 @@ def arm_points(records: list[dict], metric: str) -> list[RDPoint]:
         else rdlib.arm_rd_points(records, "accuracy")
 
 
+def envelope_points(records: list[dict], metric: str) -> list[RDPoint]:
+    """Arm-vs-k-means per method over every file of the arm, all ranks and settings on one curve:
+    the best file at each size a user can make by choosing rank and setting (method = arm,
+    group = LoRA/SineLoRA)."""
+    return [RDPoint(r["arm"], r["method"], float(r["bytes"]), quality_of(r, metric)) for r in records]
+
+
 def analyse(records: list[dict], grid: list[TrainedAdapter], arms: list[Arm], st: Settings, out: Path) -> dict:
     """Write the RD CSVs (all points and frontier), BD tables and plots; run ``sld bd`` on the
     per-bit-width k-means frontier CSV. Returns {table name: {"rows", "notes", "dropped"}}."""
@@ -535,6 +542,7 @@ def analyse(records: list[dict], grid: list[TrainedAdapter], arms: list[Arm], st
     if len(arms) > 1:
         for metric in ("loss", "acc"):
             tables.append((f"arms_{metric}", arm_points(records, metric), rdlib.KMEANS.name, "adapter"))
+            tables.append((f"envelope_{metric}", envelope_points(records, metric), rdlib.KMEANS.name, "method"))
     for name, pts, anchor, kind in tables:
         rdlib.write_points_csv(pts, out / f"rd_{name}.csv")
         kept, dropped = rdlib.monotone_frontier(pts)

@@ -175,6 +175,10 @@ def test_quick_run_gives_finite_points_and_a_bd_table(tmp_path, capsys):
     assert bd, "no BD row: the quick grid must give at least one sine-vs-LoRA comparison"
     assert all(math.isfinite(float(r["bd_rate_percent"])) and r["method"] == "SineLoRA" for r in bd)
     assert (out / "bd_arms_loss.csv").is_file() and (out / "sld_bd_cli.json").is_file()
+    # the envelope pools every rank and setting of an arm into one curve per method
+    env = _read_csv(out / "rd_envelope_loss.csv")
+    assert {r["group"] for r in env} == set(rd_text.METHODS)
+    assert len(env) == len(rows) and {r["method"] for r in env} == {r["arm"] for r in rows}
     assert json.loads((out / "sld_bd_cli.json").read_text())
     assert "BD kmeans_bits_loss" in capsys.readouterr().out
 
