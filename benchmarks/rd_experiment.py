@@ -520,12 +520,51 @@ def train_grid_cell(base, method: str, rank: int, data: dict, st: Settings, out:
     pm, val, om, lr, loss, secs = best
     adir = out / "adapters" / f"{method}-r{rank}"
     pm.save_pretrained(adir)
-    return TrainedAdapter(
+    ta = TrainedAdapter(
         method=method, rank=rank, omega=om, lr=lr, train_seconds=secs, search_seconds=search_seconds,
         val_accuracy=val, test_accuracy=accuracy(pm, data["test"], st.task), final_loss=loss,
         adapter_dir=str(adir), adapter_bytes=os.path.getsize(adir / "adapter_model.safetensors"),
         search=search,
     )
+    # the cell's record beside the run, so --reuse can measure the codec again without retraining
+    # (a run that fails after the grid keeps its ~15 minutes of training)
+    record = out / "grid" / f"{method}-r{rank}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"settings": training_settings(st), "adapter": dataclasses.asdict(ta)}, indent=1))
+    return ta
+
+
+def training_settings(st: Settings) -> dict:
+    """The settings an adapter of the grid depends on (not the codec's: bits, arms)."""
+    d = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()}
+    d.pop("bits", None)
+    d.pop("ranks", None)
+    return json.loads(json.dumps(d))
+
+
+def reused_grid(st: Settings, out: Path) -> tuple[list["TrainedAdapter"], float]:
+    """``--reuse``: the grid of an earlier run into ``out`` (``out/grid/*.json`` and the adapters
+    they name), for every (rank, method) of ``st``; refused when a cell is missing or was trained
+    with other settings."""
+    grid, seconds = [], 0.0
+    want = training_settings(st)
+    for rank in st.ranks:
+        for method in METHODS:
+            path = out / "grid" / f"{method}-r{rank}.json"
+            if not path.is_file():
+                raise SystemExit(f"rd_experiment.py: error: --reuse: {path} does not exist (run without --reuse first)")
+            rec = json.loads(path.read_text())
+            diff = sorted(k for k in set(want) | set(rec["settings"]) if want.get(k) != rec["settings"].get(k))
+            if diff:
+                raise SystemExit(f"rd_experiment.py: error: --reuse: {path} was trained with other settings "
+                                 f"({', '.join(diff)})")
+            ta = TrainedAdapter(**rec["adapter"])
+            if not (Path(ta.adapter_dir) / "adapter_model.safetensors").is_file():
+                raise SystemExit(f"rd_experiment.py: error: --reuse: {ta.adapter_dir} has no adapter_model.safetensors")
+            grid.append(ta)
+            seconds += ta.search_seconds
+    log(f"--reuse: {len(grid)} adapters of {out}, trained in {seconds:.1f} s (not retrained)")
+    return grid, seconds
 
 
 # ==================================================================================================
@@ -545,6 +584,8 @@ def encode_and_evaluate(base, ta: TrainedAdapter, test: torch.Tensor, st: Settin
     sld_dir.mkdir(parents=True, exist_ok=True)
     for b in st.bits:
         path = sld_dir / f"{ta.method}-r{ta.rank}-b{b}.sld"
+        if path.exists():
+            path.unlink()  # a rerun into the same directory (--reuse) re-encodes
         t0 = time.perf_counter()
         deltacodec.encode(ta.adapter_dir, bits=b, out=path)
         enc = time.perf_counter() - t0
@@ -741,10 +782,11 @@ def write_measurements(summary: dict, out: Path) -> None:
 
 
 def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
-        bpps: tuple = rdlib.DEFAULT_BITS_PER_PARAM) -> dict:
+        bpps: tuple = rdlib.DEFAULT_BITS_PER_PARAM, reuse: bool = False) -> dict:
     """The whole pipeline for one seed; writes every output file into ``out``; returns the summary.
     ``arms``: extra encoder arms (``rdlib.Arm``, k-means excluded) measured on the same adapters
-    after the default measurement, rate-controlled ones at ``bpps`` bits/param."""
+    after the default measurement, rate-controlled ones at ``bpps`` bits/param. ``reuse``: take
+    the trained grid of an earlier run into ``out`` (:func:`reused_grid`) instead of training."""
     rdlib.start_run(st.threads, st.seed)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -759,7 +801,7 @@ def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
         f"{base_info['downstream_test_accuracy_before']:.2f}%; train/val/test sequences "
         f"{len(data['train'])}/{len(data['val'])}/{len(data['test'])}")
 
-    grid, grid_seconds = train_grid(base, data, st, out)
+    grid, grid_seconds = reused_grid(st, out) if reuse else train_grid(base, data, st, out)
     t_codec = time.perf_counter()
     records = measure_codec(base, grid, data["test"], st, out)
     codec_seconds = time.perf_counter() - t_codec
@@ -871,6 +913,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "note; extra arms write arms_points.csv, bd_arms.csv, bd_<arm>_settings.csv")
     p.add_argument("--bits-per-param", type=float, nargs="+",
                    help="targets of the rate-controlled arms (default 1 1.5 2 3 4 6)")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not train: measure the codec again on the adapters an earlier run (same settings) "
+                   "left in --out (out/grid/*.json)")
     p.add_argument("--summarize", type=Path, nargs="+", metavar="OUT",
                    help="do not run: print the BD tables of these output directories with mean and spread")
     return p.parse_args(argv)
@@ -908,7 +953,7 @@ def main(argv=None) -> int:
         return 2
     arms = [x for x in rdlib.supported_arms(names, log) if x != rdlib.KMEANS]
     bpps = tuple(sorted(set(a.bits_per_param))) if a.bits_per_param else rdlib.DEFAULT_BITS_PER_PARAM
-    run(st, out, a.cache_dir, arms, bpps)
+    run(st, out, a.cache_dir, arms, bpps, reuse=a.reuse)
     return 0
 
 

@@ -53,3 +53,29 @@ def test_quick_run_writes_every_rd_point(tmp_path):
     for name in ("measurements.json", "measurements.csv", "bd_bits.csv", "bd_ranks.csv", "rd_bits.png",
                  "rd_ranks.png", "sld_bd_cli.json"):
         assert (out / name).is_file(), name
+
+    # --reuse measures the codec again on the same adapters without training: every point comes
+    # back identical (encoding is byte-deterministic, evaluation the same ops on the same weights)
+    import json
+
+    before = (out / "rd_bits.csv").read_text()
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rd_experiment.py", "--quick", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--reuse"],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    assert not re.search(r"lr=\S+: trained in", proc.stderr) and "--reuse: 4 adapters" in proc.stderr  # none trained
+    assert (out / "rd_bits.csv").read_text() == before
+    summary = json.loads((out / "measurements.json").read_text())
+    assert len(summary["adapters"]) == len(METHODS) * len(QUICK_RANKS)
+
+    # a grid trained with other settings is refused, naming what differs
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rd_experiment.py", "--quick", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--reuse", "--steps", "7"],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )
+    assert proc.returncode != 0 and "other settings (steps)" in proc.stderr
