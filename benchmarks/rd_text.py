@@ -542,7 +542,7 @@ def analyse(records: list[dict], grid: list[TrainedAdapter], arms: list[Arm], st
     if len(arms) > 1:
         for metric in ("loss", "acc"):
             tables.append((f"arms_{metric}", arm_points(records, metric), rdlib.KMEANS.name, "adapter"))
-            tables.append((f"envelope_{metric}", envelope_points(records, metric), rdlib.KMEANS.name, "method"))
+            tables.append((f"envelope_{metric}", envelope_points(records, metric), rdlib.KMEANS.name, "lora_method"))
     for name, pts, anchor, kind in tables:
         rdlib.write_points_csv(pts, out / f"rd_{name}.csv")
         kept, dropped = rdlib.monotone_frontier(pts)
