@@ -90,6 +90,18 @@ def tensors(args) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def grouped(bits: np.ndarray, dt: str, name: str):
+    """(field-coded tensor, encode s, decode s), checked bit-exact, with zstd-3/19 and zipnn bytes."""
+    t0 = time.perf_counter()
+    g = bytegroup.encode_fields(bits, dt)
+    te = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    back = bytegroup.decode_fields(g)
+    td = time.perf_counter() - t0
+    assert np.array_equal(back, bits), f"{name} {dt}: not bit-exact"
+    return g, te, td, zstd_bytes(bits, 3), zstd_bytes(bits, 19), zipnn_bytes(bits, dt)
+
+
 def fp32_rows(args) -> None:
     """F32 field streams against raw fp32 + zstd and zipnn, then whole bits=32 files."""
     if _zipnn() is None:
@@ -99,15 +111,7 @@ def fp32_rows(args) -> None:
     for name, x in tensors(args):
         bits = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
         n = bits.size
-        t0 = time.perf_counter()
-        g = bytegroup.encode_fields(bits, "F32")
-        te = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        back = bytegroup.decode_fields(g)
-        td = time.perf_counter() - t0
-        assert np.array_equal(back, bits), f"{name} F32: not bit-exact"
-        z3, z19 = zstd_bytes(bits, 3), zstd_bytes(bits, 19)
-        zn = zipnn_bytes(bits, "F32")
+        g, te, td, z3, z19, zn = grouped(bits, "F32", name)
         zs = f"{zn / n:>7.3f}" if zn else f"{'-':>7}"
         rz = f"{g.nbytes / zn:>13.3f}" if zn else f"{'-':>13}"
         print(f"{name:24s} {n:>9,} | {'':12s} {4.0:>5.2f} {z3 / n:>7.3f} {z19 / n:>7.3f} {zs} {g.nbytes / n:>8.3f} | "
@@ -170,15 +174,7 @@ def main() -> None:
         for dt in ("F16", "BF16"):
             bits = to_bits(x, dt)
             n = bits.size
-            t0 = time.perf_counter()
-            g = bytegroup.encode_fields(bits, dt)
-            te = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            back = bytegroup.decode_fields(g)
-            td = time.perf_counter() - t0
-            assert np.array_equal(back, bits), f"{name} {dt}: not bit-exact"
-            z3, z19 = zstd_bytes(bits, 3), zstd_bytes(bits, 19)
-            zn = zipnn_bytes(bits, dt)
+            g, te, td, z3, z19, zn = grouped(bits, dt, name)
             zs = f"{zn / n:>7.3f}" if zn else f"{'-':>7}"
             rz = f"{g.nbytes / zn:>13.3f}" if zn else f"{'-':>13}"
             print(f"{name:24s} {dt:5s} {n:>9,} | {'':12s} {2.0:>5.2f} {z3 / n:>7.3f} {z19 / n:>7.3f} {zs} "

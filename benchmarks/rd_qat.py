@@ -119,6 +119,42 @@ def unreachable(err: Exception, what: str) -> None:
     log(f"  {what}: no point ({err})")
 
 
+def both_arms(snap, adir: Path, stem: Path, bits, a: argparse.Namespace, ptq_row, qat_row) -> list[dict]:
+    """Both arms of one (method, rank) at every rate setting: PTQ encodes the plainly trained
+    adapter in ``adir`` into ``<stem>-b<b>-ptq.sld``; QAT continues a fork of ``snap`` (the run
+    at the switch point) for the QAT steps with :func:`qat_on` and exports ``<stem>-b<b>-qat.sld``,
+    at the settings PTQ reached. ``ptq_row(b, path)`` and ``qat_row(qat_model, path)`` measure a
+    file (testbed-specific); the rows carry arm, setting, bytes and the QAT phase's figures."""
+    from deltacodec.sinelora import export_sld
+
+    rows, reached = [], []
+    for b in bits:
+        p = stem.with_name(f"{stem.name}-b{b:g}-ptq.sld")
+        try:
+            ptq_encode(adir, b, a, p)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{stem.name} PTQ {setting(b, a)}")
+            continue
+        reached.append(b)
+        rows.append({"arm": "PTQ", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p), **ptq_row(b, p)})
+    for b in reached:
+        q = snap.fork()
+        p = stem.with_name(f"{stem.name}-b{b:g}-qat.sld")
+        try:
+            qs = qat_on(q.pm, b, a)
+            t_qat, loss_qat = q.advance(a.qat_steps)
+            t0 = time.perf_counter()
+            export_sld(q.pm, p, force=True)
+        except deltacodec.EncodeError as e:
+            unreachable(e, f"{stem.name} QAT {setting(b, a)}")
+            continue
+        t_export = time.perf_counter() - t0
+        rows.append({"arm": "QAT", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
+                     "final_loss": loss_qat, "phase_seconds": t_qat, "export_seconds": t_export,
+                     "refreshes": qs.refreshes, **qat_row(q.pm, p)})
+    return rows
+
+
 class Run:
     """One adapter's training state: PEFT model, AdamW, step counter (batches are a function of
     the step, so a copy resumes exactly where the original was)."""
@@ -177,7 +213,7 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
              digest: str) -> list[dict]:
     from peft import get_peft_model
 
-    from deltacodec.sinelora import export_sld, get_sinelora_model
+    from deltacodec.sinelora import get_sinelora_model
 
     omega, lr = hyper(method, rank, st.quick)
     torch.manual_seed(st.seed * 1000 + rank)  # as rd_experiment.train_adapter: same initial A per rank
@@ -195,41 +231,20 @@ def run_cell(base, method: str, rank: int, data: dict, st: Settings, a: argparse
     adir = out / "adapters" / f"{method}-r{rank}"
     run.pm.save_pretrained(adir)
     fp_acc = accuracy(run.pm, data["test"], st.task)
-    rows = []
     sld = out / "sld"
     sld.mkdir(parents=True, exist_ok=True)
     common = {"method": method, "rank": rank, "omega": omega, "lr": lr, "steps": st.steps, "qat_steps": a.qat_steps,
               "unquantized_accuracy": fp_acc, "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
               "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
-    reached = []
-    for b in st.bits:
-        p = sld / f"{method}-r{rank}-b{b:g}-ptq.sld"
-        try:
-            ptq_encode(adir, b, a, p)
-        except deltacodec.EncodeError as e:
-            unreachable(e, f"{method} r={rank} PTQ {setting(b, a)}")
-            continue
-        reached.append(b)
-        rows.append({**common, "arm": "PTQ", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
-                     "accuracy": evaluate_file(base, p, data["test"], st, digest), "final_loss": loss_plain,
-                     "phase_seconds": t_plain, "model_accuracy": fp_acc})
-    for b in reached:
-        q = snap.fork()
-        p = sld / f"{method}-r{rank}-b{b:g}-qat.sld"
-        try:
-            qs = qat_on(q.pm, b, a)
-            t_qat, loss_qat = q.advance(a.qat_steps)
-            t0 = time.perf_counter()
-            export_sld(q.pm, p, force=True)
-        except deltacodec.EncodeError as e:
-            unreachable(e, f"{method} r={rank} QAT {setting(b, a)}")
-            continue
-        t_export = time.perf_counter() - t0
-        model_acc = accuracy(q.pm, data["test"], st.task)  # the QAT forward itself, after export
-        acc = evaluate_file(base, p, data["test"], st, digest)
-        rows.append({**common, "arm": "QAT", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p), "accuracy": acc,
-                     "final_loss": loss_qat, "phase_seconds": t_qat, "model_accuracy": model_acc,
-                     "export_seconds": t_export, "refreshes": qs.refreshes})
+    def ptq_row(b: float, p: Path) -> dict:
+        return {"accuracy": evaluate_file(base, p, data["test"], st, digest), "final_loss": loss_plain,
+                "phase_seconds": t_plain, "model_accuracy": fp_acc}
+
+    def qat_row(qpm, p: Path) -> dict:
+        model_acc = accuracy(qpm, data["test"], st.task)  # the QAT forward itself, after export
+        return {"accuracy": evaluate_file(base, p, data["test"], st, digest), "model_accuracy": model_acc}
+
+    rows = [{**common, **r} for r in both_arms(snap, adir, sld / f"{method}-r{rank}", st.bits, a, ptq_row, qat_row)]
     log(f"{method} r={rank}: fp32 {fp_acc:.2f}%; " + ", ".join(
         f"{r['arm']} {r['setting']} {r['accuracy']:.2f}% ({r['bytes']} B)" for r in rows)
         + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "
@@ -569,7 +584,7 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
     import rd_text
     from peft import get_peft_model
 
-    from deltacodec.sinelora import export_sld, get_sinelora_model
+    from deltacodec.sinelora import get_sinelora_model
 
     omega = st.omegas[0] if method == "SineLoRA" else None
     lr = st.lrs[0]
@@ -594,40 +609,18 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
               "unquantized_bits_per_byte": fp["bits_per_byte"], "unquantized_accuracy": fp["accuracy"],
               "adapter_bytes": os.path.getsize(adir / "adapter_model.safetensors"),
               "pre_seconds": t_pre, "plain_phase_seconds": t_plain}
-    rows = []
-    reached = []
-    for b in st.bits:
-        p = sld / f"{method}-r{rank}-b{b:g}-ptq.sld"
-        try:
-            ptq_encode(adir, b, a, p)
-        except deltacodec.EncodeError as e:
-            unreachable(e, f"{method} r={rank} PTQ {setting(b, a)}")
-            continue
-        reached.append(b)
+    def ptq_row(b: float, p: Path) -> dict:
         ev = evaluate_text_file(base, p, test, digest)
-        rows.append({**common, "arm": "PTQ", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
-                     "bits_per_byte": ev["bits_per_byte"],
-                     "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_plain,
-                     "phase_seconds": t_plain, "model_bits_per_byte": fp["bits_per_byte"]})
-    for b in reached:
-        q = snap.fork()
-        p = sld / f"{method}-r{rank}-b{b:g}-qat.sld"
-        try:
-            qs = qat_on(q.pm, b, a)
-            t_qat, loss_qat = q.advance(a.qat_steps)
-            t0 = time.perf_counter()
-            export_sld(q.pm, p, force=True)
-        except deltacodec.EncodeError as e:
-            unreachable(e, f"{method} r={rank} QAT {setting(b, a)}")
-            continue
-        t_export = time.perf_counter() - t0
-        model_ev = rd_text.evaluate(q.pm, test)  # the QAT forward itself, after export
+        return {"bits_per_byte": ev["bits_per_byte"], "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"],
+                "final_loss": loss_plain, "phase_seconds": t_plain, "model_bits_per_byte": fp["bits_per_byte"]}
+
+    def qat_row(qpm, p: Path) -> dict:
+        model_ev = rd_text.evaluate(qpm, test)  # the QAT forward itself, after export
         ev = evaluate_text_file(base, p, test, digest)
-        rows.append({**common, "arm": "QAT", "bits": b, "setting": setting(b, a), "bytes": os.path.getsize(p),
-                     "bits_per_byte": ev["bits_per_byte"],
-                     "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"], "final_loss": loss_qat,
-                     "phase_seconds": t_qat, "model_bits_per_byte": model_ev["bits_per_byte"],
-                     "export_seconds": t_export, "refreshes": qs.refreshes})
+        return {"bits_per_byte": ev["bits_per_byte"], "accuracy": ev["accuracy"], "quality": -ev["bits_per_byte"],
+                "model_bits_per_byte": model_ev["bits_per_byte"]}
+
+    rows = [{**common, **r} for r in both_arms(snap, adir, sld / f"{method}-r{rank}", st.bits, a, ptq_row, qat_row)]
     log(f"{method} r={rank}: fp32 {fp['bits_per_byte']:.4f} bpb; " + ", ".join(
         f"{r['arm']} {r['setting']} {r['bits_per_byte']:.4f} ({r['bytes']} B)" for r in rows)
         + f"; step s plain {t_plain / a.qat_steps:.3f}, QAT "

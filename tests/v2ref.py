@@ -162,22 +162,31 @@ def fields_decode(side: bytes, sec: bytes, n: int, lanes: int) -> tuple[str, np.
     for _ in range(3 if dtype == "F16" else 2):
         tables.append(read_table(b) if b.read(1) else None)
     b.done()
-    stored = sum(t is None for t in tables)
-    slen = len(sec) - stored * n
-    coded = rans_decode(sec[:slen], [(n, t) for t in tables if t is not None], lanes) if slen else []
-    fields, ci, ri = [], 0, 0
-    for t in tables:
-        if t is None:
-            fields.append(np.frombuffer(sec[slen + ri * n: slen + (ri + 1) * n], np.uint8).astype(np.uint16))
-            ri += 1
-        else:
-            fields.append(np.array(coded[ci], dtype=np.uint16) + t[1])
-            ci += 1
+    fields = [f.astype(np.uint16) for f in field_streams(sec, n, tables, lanes)]
     if dtype == "BF16":
         e, r = fields
         return dtype, ((r & 0x80) << 8) | (e << 7) | (r & 0x7F)
     e, hi, lo = fields
     return dtype, ((hi & 4) << 13) | (e << 10) | ((hi & 3) << 8) | lo
+
+
+def field_streams(sec: bytes, n: int, tables: list, lanes: int) -> list[np.ndarray]:
+    """Spec 13.5's section: the coded fields (one rANS stream, consecutive segments of n symbols,
+    value = imin + symbol) then each stored field as n raw bytes; every field in stream order,
+    as uint32 arrays."""
+    stored = sum(t is None for t in tables)
+    slen = len(sec) - stored * n
+    assert slen >= 0, "section too short for the stored fields"
+    coded = rans_decode(sec[:slen], [(n, t) for t in tables if t is not None], lanes) if slen else []
+    fields, ci, ri = [], 0, 0
+    for t in tables:
+        if t is None:
+            fields.append(np.frombuffer(sec[slen + ri * n: slen + (ri + 1) * n], np.uint8).astype(np.uint32))
+            ri += 1
+        else:
+            fields.append(np.array(coded[ci], dtype=np.uint32) + t[1])
+            ci += 1
+    return fields
 
 
 def parse(data: bytes) -> tuple[dict, list[bytes]]:
@@ -306,19 +315,7 @@ def fields32_decode(side: bytes, sec: bytes, n: int, lanes: int) -> np.ndarray:
     b.done()
     for t in tables:
         assert t is None or (t[1] >= 0 and t[1] + len(t[2]) - 1 <= 255), "field alphabet outside 0..255"
-    stored = sum(t is None for t in tables)
-    slen = len(sec) - stored * n
-    assert slen >= 0, "section too short for the stored fields"
-    coded = rans_decode(sec[:slen], [(n, t) for t in tables if t is not None], lanes) if slen else []
-    fields, ci, ri = [], 0, 0
-    for t in tables:
-        if t is None:
-            fields.append(np.frombuffer(sec[slen + ri * n: slen + (ri + 1) * n], np.uint8).astype(np.uint32))
-            ri += 1
-        else:
-            fields.append(np.array(coded[ci], dtype=np.uint32) + t[1])
-            ci += 1
-    e, top, mid, low = fields
+    e, top, mid, low = field_streams(sec, n, tables, lanes)
     s = top >> 7
     m = ((top & 0x7F) << 16) | (mid << 8) | low
     return ((s << 31) | (e << 23) | m).astype(np.uint32)
