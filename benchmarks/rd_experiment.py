@@ -536,10 +536,10 @@ def train_grid_cell(base, method: str, rank: int, data: dict, st: Settings, out:
 
 def training_settings(st: Settings) -> dict:
     """The settings an adapter of the grid depends on (not the codec's: bits, arms)."""
-    d = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()}
+    d = rdlib.settings_dict(st)
     d.pop("bits", None)
     d.pop("ranks", None)
-    return json.loads(json.dumps(d))
+    return d
 
 
 def reused_grid(st: Settings, out: Path) -> tuple[list["TrainedAdapter"], float]:
@@ -552,15 +552,12 @@ def reused_grid(st: Settings, out: Path) -> tuple[list["TrainedAdapter"], float]
         for method in METHODS:
             path = out / "grid" / f"{method}-r{rank}.json"
             if not path.is_file():
-                raise SystemExit(f"rd_experiment.py: error: --reuse: {path} does not exist (run without --reuse first)")
+                raise rdlib.ReuseError(f"--reuse: {path} does not exist (run without --reuse first)")
             rec = json.loads(path.read_text())
-            diff = sorted(k for k in set(want) | set(rec["settings"]) if want.get(k) != rec["settings"].get(k))
-            if diff:
-                raise SystemExit(f"rd_experiment.py: error: --reuse: {path} was trained with other settings "
-                                 f"({', '.join(diff)})")
+            rdlib.check_same_settings(want, rec["settings"], path)
             ta = TrainedAdapter(**rec["adapter"])
             if not (Path(ta.adapter_dir) / "adapter_model.safetensors").is_file():
-                raise SystemExit(f"rd_experiment.py: error: --reuse: {ta.adapter_dir} has no adapter_model.safetensors")
+                raise rdlib.ReuseError(f"--reuse: {ta.adapter_dir} has no adapter_model.safetensors")
             grid.append(ta)
             seconds += ta.search_seconds
     log(f"--reuse: {len(grid)} adapters of {out}, trained in {seconds:.1f} s (not retrained)")
@@ -809,7 +806,7 @@ def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
     arms_result = measure_and_analyse_arms(base, grid, records, data["test"], arms, bpps, st, out) if arms else None
 
     summary = {
-        "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()},
+        "settings": rdlib.settings_dict(st),
         "base": {**base_info, "path": str(base_path)},
         "tables": {"pretrain": pre_tables.tolist(), "downstream": new_tables.tolist()},
         "timing": {"grid_train_seconds": grid_seconds, "codec_eval_seconds": codec_seconds,
@@ -953,7 +950,11 @@ def main(argv=None) -> int:
         return 2
     arms = [x for x in rdlib.supported_arms(names, log) if x != rdlib.KMEANS]
     bpps = tuple(sorted(set(a.bits_per_param))) if a.bits_per_param else rdlib.DEFAULT_BITS_PER_PARAM
-    run(st, out, a.cache_dir, arms, bpps, reuse=a.reuse)
+    try:
+        run(st, out, a.cache_dir, arms, bpps, reuse=a.reuse)
+    except rdlib.ReuseError as exc:
+        print(f"rd_experiment.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

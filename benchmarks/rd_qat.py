@@ -45,6 +45,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -317,31 +318,48 @@ def analyse(records: list[dict]) -> dict:
     return res
 
 
-def print_tables(records: list[dict], bd: dict, st: Settings, a: argparse.Namespace) -> None:
-    print(f"\nQAT vs PTQ, seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
-          f"quantization-aware (refresh every {a.refresh_every}); test accuracy % (bytes)")
+@dataclass(frozen=True)
+class Shown:
+    """How a testbed's tables show quality: the record key of a file's and of the unquantized
+    adapter's quality, the cells' number format, and the BD-quality unit and decimals."""
+
+    label: str
+    key: str
+    fp_key: str
+    fmt: str
+    bd_unit: str
+    bd_decimals: int
+
+
+ACCURACY = Shown("test accuracy % (bytes)", "accuracy", "unquantized_accuracy", "6.2f", "BD-acc points", 2)
+BITS_PER_BYTE = Shown("held-out bits/byte (bytes), lower is better", "bits_per_byte", "unquantized_bits_per_byte",
+                      "7.4f", "BD-quality (−bpb)", 4)
+
+
+def print_tables(records: list[dict], bd: dict, st, a: argparse.Namespace, shown: Shown, testbed: str) -> None:
+    """Per (method, rank): the unquantized quality and each arm's file at every rate setting;
+    then the BD rows and the QAT phase's time ratio."""
+    print(f"\nQAT vs PTQ, {testbed}seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last "
+          f"{a.qat_steps} quantization-aware (refresh every {a.refresh_every}); {shown.label}")
     bits, u = list(st.bits), unit(records)
-    print(f"{'method':8s} {'rank':>4s} {'fp32':>6s} " + " ".join(f"{f'PTQ {b:g}{u}':>15s} {f'QAT {b:g}{u}':>15s}"
-                                                               for b in bits))
+    w = int(shown.fmt.split(".")[0]) + 9  # the number, " (", six digits, ")"
+    print(f"{'method':8s} {'rank':>4s} {'fp32':>{w - 9}s} "
+          + " ".join(f"{f'PTQ {b:g}{u}':>{w}s} {f'QAT {b:g}{u}':>{w}s}" for b in bits))
     for m in METHODS:
         for rank in st.ranks:
             rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
             if not rr:
                 continue
-            fp = next(iter(rr.values()))["unquantized_accuracy"]
-            cells = []
-            for b in bits:
-                for arm in ("PTQ", "QAT"):
-                    r = rr.get((arm, b))
-                    cells.append(f"{r['accuracy']:6.2f} ({r['bytes']:>6d})" if r else f"{'-':>15s}")
-            print(f"{m:8s} {rank:>4d} {fp:6.2f} " + " ".join(cells))
-    print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-acc points")
+            fp = next(iter(rr.values()))[shown.fp_key]
+            cells = [f"{rr[(arm, b)][shown.key]:{shown.fmt}} ({rr[(arm, b)]['bytes']:>6d})" if (arm, b) in rr
+                     else f"{'-':>{w}s}" for b in bits for arm in ("PTQ", "QAT")]
+            print(f"{m:8s} {rank:>4d} {fp:{shown.fmt}} " + " ".join(cells))
+    print(f"\nBD per rate setting (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | {shown.bd_unit}")
     for title, rows in bd.items():
-        print(f"  {title}: " + ("; ".join(f"{r['group']}{u} {r['bd_rate']:+.2f}% | {r['bd_quality']:+.2f}"
+        print(f"  {title}: " + ("; ".join(f"{r['group']}{u} {r['bd_rate']:+.2f}% | {r['bd_quality']:+.{shown.bd_decimals}f}"
                                           + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
-    ratios = overhead(records)
-    print("\nQAT phase time per step / plain phase time per step (same process, shared 2-core machine): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("\nQAT phase time per step / plain phase time per step (same process): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in overhead(records).items()))
 
 
 def unit(records: list[dict]) -> str:
@@ -391,7 +409,7 @@ def run(st: Settings, a: argparse.Namespace, out: Path) -> dict:
             records += run_cell(base, m, rank, data, st, a, out, digest)
             summary["measurements"] = records
             (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
-    return finish(records, summary, out, t_start, "accuracy", lambda bd: print_tables(records, bd, st, a))
+    return finish(records, summary, out, t_start, "accuracy", lambda bd: print_tables(records, bd, st, a, ACCURACY, ""))
 
 
 def finish(records: list[dict], summary: dict, out: Path, t_start: float, quality: str, print_tables_of) -> dict:
@@ -628,29 +646,6 @@ def run_text_cell(base, method: str, rank: int, train: np.ndarray, test: torch.T
     return rows
 
 
-def print_text_tables(records: list[dict], bd: dict, st, a: argparse.Namespace) -> None:
-    print(f"\nQAT vs PTQ, testbed 2 (rd_text), seed {st.seed}{' (quick)' if st.quick else ''}: {st.steps} steps, last {a.qat_steps} "
-          f"quantization-aware (refresh every {a.refresh_every}); held-out bits/byte (bytes), lower is better")
-    bits, u = list(st.bits), unit(records)
-    print(f"{'method':8s} {'rank':>4s} {'fp32':>7s} " + " ".join(f"{f'PTQ {b:g}{u}':>16s} {f'QAT {b:g}{u}':>16s}"
-                                                               for b in bits))
-    for m in METHODS:
-        for rank in st.ranks:
-            rr = {(r["arm"], r["bits"]): r for r in records if r["method"] == m and r["rank"] == rank}
-            if not rr:
-                continue
-            fp = next(iter(rr.values()))["unquantized_bits_per_byte"]
-            cells = [f"{rr[(arm, b)]['bits_per_byte']:7.4f} ({rr[(arm, b)]['bytes']:>6d})" if (arm, b) in rr
-                     else f"{'-':>16s}" for b in bits for arm in ("PTQ", "QAT")]
-            print(f"{m:8s} {rank:>4d} {fp:7.4f} " + " ".join(cells))
-    print(f"\nBD per bit width (curve = ranks, {INTERP}): BD-rate % (negative = fewer bytes) | BD-quality (−bpb)")
-    for title, rows in bd.items():
-        print(f"  {title}: " + ("; ".join(f"{r['group']}{u} {r['bd_rate']:+.2f}% | {r['bd_quality']:+.4f}"
-                                          + (" *" if r["warnings"] else "") for r in rows) or "n/a"))
-    print("\nQAT phase time per step / plain phase time per step (same process): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in overhead(records).items()))
-
-
 def run_text(a: argparse.Namespace, out: Path) -> dict:
     import rd_text
 
@@ -675,7 +670,8 @@ def run_text(a: argparse.Namespace, out: Path) -> dict:
             records += run_text_cell(base, m, rank, streams["train"], test, st, a, out, digest)
             summary["measurements"] = records
             (out / "measurements.json").write_text(json.dumps(summary, indent=1, default=float))
-    return finish(records, summary, out, t_start, "quality", lambda bd: print_text_tables(records, bd, st, a))
+    return finish(records, summary, out, t_start, "quality",
+                  lambda bd: print_tables(records, bd, st, a, BITS_PER_BYTE, "testbed 2 (rd_text), "))
 
 
 def rate_settings(a: argparse.Namespace) -> tuple:

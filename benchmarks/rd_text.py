@@ -600,24 +600,17 @@ def print_bd(name: str, a: dict) -> None:
 # ==================================================================================================
 
 
-class ReuseError(Exception):
-    """``--reuse`` cannot take the adapters of the run in ``--out``."""
-
-
 def reused_grid(out: Path, st: Settings) -> tuple[list[TrainedAdapter], float]:
     """The adapters of an earlier run into ``out`` (its ``measurements.json``), for ``--reuse``:
     the codec arms are measured again without retraining. The earlier run's training settings
     must equal this run's, or the adapters would not be the ones these settings describe."""
     path = out / "measurements.json"
     if not path.is_file():
-        raise ReuseError(f"--reuse: {path} does not exist (run without --reuse first)")
+        raise rdlib.ReuseError(f"--reuse: {path} does not exist (run without --reuse first)")
     prev = json.loads(path.read_text())
-    now = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()}
     keys = ("seed", "quick", "corpus", "model", "pretrain", "ranks", "omegas", "lrs", "steps", "batch",
             "alpha_per_rank", "n_val", "n_test", "threads")
-    diff = [k for k in keys if json.loads(json.dumps(now[k])) != prev["settings"][k]]
-    if diff:
-        raise ReuseError(f"--reuse: {path} was trained with other settings ({', '.join(diff)})")
+    rdlib.check_same_settings(rdlib.settings_dict(st), prev["settings"], path, keys)
     grid = [TrainedAdapter(**a) for a in prev["adapters"]]
     log(f"reusing {len(grid)} adapters from {out}")
     return grid, prev["timing"]["grid_train_seconds"]
@@ -663,7 +656,7 @@ def run(st: Settings, out: Path, cache_dir: Path, reuse: bool = False) -> dict:
 
     summary = {
         "testbed": "rd_text",
-        "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(st).items()},
+        "settings": rdlib.settings_dict(st),
         "python": sys.version.split()[0],
         "corpus": {k: len(v) for k, v in streams.items()} | {"digest": corpus_digest(streams)},
         "arms": [dataclasses.asdict(a) for a in arms],
@@ -788,7 +781,7 @@ def main(argv=None) -> int:
     out = a.out or REPO / "benchmarks" / "out" / "rd_text" / f"seed{st.seed}{'-quick' if st.quick else ''}"
     try:
         run(st, out, a.cache_dir, reuse=a.reuse)
-    except ReuseError as exc:
+    except rdlib.ReuseError as exc:
         print(f"rd_text.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

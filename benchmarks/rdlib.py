@@ -60,6 +60,28 @@ def start_run(threads: int, seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def settings_dict(st) -> dict:
+    """A run's ``Settings`` dataclass as JSON values (nested specs as maps, tuples as lists): what
+    ``measurements.json`` records and what ``--reuse`` compares."""
+    import dataclasses
+
+    return json.loads(json.dumps({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                                  for k, v in vars(st).items()}))
+
+
+class ReuseError(Exception):
+    """``--reuse`` cannot take the adapters of an earlier run (missing, or other settings)."""
+
+
+def check_same_settings(now: dict, before: dict, where: Path, keys: Sequence[str] | None = None) -> None:
+    """:class:`ReuseError` naming the settings (``keys``, default all of both) in which ``before``
+    (an earlier run's record at ``where``) differs from ``now``."""
+    keys = sorted(set(now) | set(before)) if keys is None else keys
+    diff = [k for k in keys if now.get(k) != before.get(k)]
+    if diff:
+        raise ReuseError(f"--reuse: {where} was trained with other settings ({', '.join(diff)})")
+
+
 def lr_schedule(step: int, steps: int, warmup: int, decay: bool = True) -> float:
     """Multiplier of the base learning rate: linear warmup, then linear decay to 0 (or constant)."""
     if step < warmup:

@@ -22,7 +22,6 @@ from typing import Any
 from .header import (
     KINDS,
     MAX_DIM,
-    MAX_ENTRIES,
     MAX_NAME_BYTES,
     MAX_NUMEL,
     RAW_DTYPES,
@@ -32,7 +31,6 @@ from .header import (
     ModuleEntry,
     TensorEntry,
     _byte_type,
-    _is_array,
     _is_map,
     _Parser,
     _tname,
@@ -159,29 +157,6 @@ class _ParserV2(_Parser):
             if "fan_in_fan_out" in d and type(d["fan_in_fan_out"]) is not bool:
                 raise self.fail(f"{where}.fan_in_fan_out", f"expected bool, got {_tname(d['fan_in_fan_out'])}")
             self.defaults = d
-
-    def entries(self, key: str, hdr: Header) -> None:
-        where = f"root.{key}"
-        b = self.peek(where)
-        if not _is_array(b):
-            raise self.fail(where, f"expected array, got {_byte_type(b)}")
-        n = self._call(self.u.read_array_header, where)
-        total = n + len(hdr.modules) + len(hdr.tensors)
-        if total > MAX_ENTRIES:
-            raise self.limit(where, f"{total:,} modules and tensors, over the limit of {MAX_ENTRIES:,}", MAX_ENTRIES, total)
-        for i in range(n):
-            w = f"{key}[{i}]"
-            if not _is_map(self.peek(w)):
-                raise self.fail(w, f"expected a map, got {_byte_type(self.peek(w))}")
-            obj = self._call(self.u.unpack, w)
-            if key == "modules":
-                m = self.module(obj, w)
-                hdr.modules.append(m)
-                hdr.decoded_nbytes += 4 * (m.A.numel + m.B.numel)
-            else:
-                t = self.extra(obj, w)
-                hdr.tensors.append(t)
-                hdr.decoded_nbytes += t.numel * (8 if t.dtype == "F64" else 4)
 
     # -- names (prefix-compressed) ---------------------------------------------------------------
 

@@ -586,14 +586,19 @@ def test_decode_needs_no_metadata_and_rebuilds_an_unusable_config(tmp_path, case
         np.testing.assert_array_equal(orig.tensor(m0.A), f.tensor(m1.A))
 
 
-def test_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path):
+@pytest.mark.parametrize("opts", [dict(bits=16, container=1, level=0), dict(bits=16, container=2),
+                                  dict(bits=3, quantizer="ecsq")], ids=["v1-f16", "v2-fields", "v2-ecsq"])
+def test_decode_keeps_peak_memory_near_the_largest_tensor(tmp_path, opts):
+    """Tensor by tensor, in both container versions: a section, its payload or symbols, the
+    values, never the file."""
     import tracemalloc
 
     rng = np.random.default_rng(5)
     n_in = 1 << 16  # A: 16 x 65536 float32 = 4 MiB decoded; 8 modules = 32 MiB in all
-    mods = [AdapterModule(f"m{i}", A=rng.normal(size=(16, n_in)).astype(np.float32),
+    # A exactly float16, so bits=16 keeps 2-byte fields in container 2 as in container 1
+    mods = [AdapterModule(f"m{i}", A=rng.normal(size=(16, n_in)).astype(np.float16).astype(np.float32),
                           B=rng.normal(size=(8, 16)).astype(np.float32), scale=1.0) for i in range(8)]
-    path = deltacodec.encode(Adapter(modules=mods), bits=16, out=str(tmp_path / "big.sld"), level=0)
+    path = deltacodec.encode(Adapter(modules=mods), out=str(tmp_path / "big.sld"), **opts)
     f = deltacodec.load(path)
     largest, total = 16 * n_in * 4, sum(e.numel for e in f.entries()) * 4
     tracemalloc.start()

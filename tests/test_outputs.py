@@ -359,14 +359,17 @@ def test_leftovers_of_dead_runs_are_removed_and_reported_live_ones_kept(tmp_path
         sleeper.wait()
 
 
-_BLOCK_AT_FIRST_FSYNC = r"""
+# a child process that says "ready" at its first fsync and then waits there, for the test to kill
+_FSYNC_HOOK = r"""
 import os, sys
 real = os.fsync
 def fsync(fd):
     real(fd)
     sys.stdout.write("ready\n"); sys.stdout.flush()
-    sys.stdin.read()  # the test SIGKILLs this process while it waits here
+    sys.stdin.read()  # the test kills this process (SIGKILL or SIGTERM) while it waits here
 os.fsync = fsync
+"""
+_BLOCK_AT_FIRST_FSYNC = _FSYNC_HOOK + r"""
 import deltacodec
 from deltacodec.cli_apply import apply_checkpoint
 exec(sys.argv[1])
@@ -496,14 +499,7 @@ def test_cli_examples_of_lost_inputs_exit_1(tree):
     assert temps(tree) == []
 
 
-_CLI_BLOCK_AT_FIRST_FSYNC = r"""
-import os, sys
-real = os.fsync
-def fsync(fd):
-    real(fd)
-    sys.stdout.write("ready\n"); sys.stdout.flush()
-    sys.stdin.read()  # the test sends SIGTERM while this process waits here
-os.fsync = fsync
+_CLI_BLOCK_AT_FIRST_FSYNC = _FSYNC_HOOK + r"""
 from deltacodec.cli import main
 sys.exit(main(sys.argv[1:]))
 """
