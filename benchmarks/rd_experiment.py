@@ -553,9 +553,14 @@ def reused_grid(st: Settings, out: Path) -> tuple[list["TrainedAdapter"], float]
             path = out / "grid" / f"{method}-r{rank}.json"
             if not path.is_file():
                 raise rdlib.ReuseError(f"--reuse: {path} does not exist (run without --reuse first)")
-            rec = json.loads(path.read_text())
-            rdlib.check_same_settings(want, rec["settings"], path)
-            ta = TrainedAdapter(**rec["adapter"])
+            try:
+                rec = json.loads(path.read_text())
+                settings, ta = rec["settings"], TrainedAdapter(**rec["adapter"])
+                if not isinstance(settings, dict):
+                    raise TypeError(f"'settings' is a {type(settings).__name__}, not a map")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise rdlib.ReuseError(f"--reuse: {path} is not a grid record ({type(exc).__name__}: {exc})") from None
+            rdlib.check_same_settings(want, settings, path)
             if not (Path(ta.adapter_dir) / "adapter_model.safetensors").is_file():
                 raise rdlib.ReuseError(f"--reuse: {ta.adapter_dir} has no adapter_model.safetensors")
             grid.append(ta)
@@ -785,6 +790,7 @@ def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
     after the default measurement, rate-controlled ones at ``bpps`` bits/param. ``reuse``: take
     the trained grid of an earlier run into ``out`` (:func:`reused_grid`) instead of training."""
     rdlib.start_run(st.threads, st.seed)
+    reused = reused_grid(st, out) if reuse else None  # fails before any work
     out.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -798,7 +804,7 @@ def run(st: Settings, out: Path, cache_dir: Path, arms: list | None = None,
         f"{base_info['downstream_test_accuracy_before']:.2f}%; train/val/test sequences "
         f"{len(data['train'])}/{len(data['val'])}/{len(data['test'])}")
 
-    grid, grid_seconds = reused_grid(st, out) if reuse else train_grid(base, data, st, out)
+    grid, grid_seconds = reused if reused is not None else train_grid(base, data, st, out)
     t_codec = time.perf_counter()
     records = measure_codec(base, grid, data["test"], st, out)
     codec_seconds = time.perf_counter() - t_codec

@@ -232,3 +232,16 @@ def test_a_str_enum_is_its_string(tmp_path):
              for i, c in enumerate((plain, live))]
     assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
     assert "peft_type" not in stored_metadata(paths[1])["adapter_config"]
+
+
+def test_absent_naming_a_stored_key_keeps_the_stored_value(tmp_path):
+    """`absent` only stops a key being added back; a key the config holds is never dropped or
+    replaced, whatever the marker lists."""
+    golden = os.path.join(HERE, "v2_peft_config_elided.sld")
+    header, secs = v2ref.parse(open(golden, "rb").read())
+    header["metadata"][cd.MARKER]["absent"] = ["bias", "use_bdlora"]
+    p = tmp_path / "x.sld"
+    p.write_bytes(v2ref.build(header, secs))
+    got = deltacodec.load(p).metadata["adapter_config"]
+    assert got["bias"] == "lora_only" and "use_bdlora" not in got
+    assert got == v2ref.restore_config(header["metadata"])["adapter_config"]

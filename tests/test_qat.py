@@ -431,6 +431,30 @@ def test_rd_qat_text_rate_controlled_arms(tmp_path):
     assert len((out / "rd_qat.csv").read_text().splitlines()) == 1 + len(rows)
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_rd_qat_refuses_bad_bits_per_param_before_any_work(value, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rd_qat
+
+    with pytest.raises(SystemExit, match=r"--bits-per-param must be positive and finite"):
+        rd_qat.main(["--quick", "--bits-per-param", value, "2"])
+
+
+def test_rd_qat_bits_and_bits_per_param_exclude_each_other(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rd_qat
+
+    with pytest.raises(SystemExit) as exc:
+        rd_qat.parse_args(["--bits", "2", "--bits-per-param", "2"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_rd_qat_envelope_pools_runs_and_measures_the_saving(tmp_path, capsys):
     """rd_qat.py --envelope: every file of an arm on one curve, pooled across a fixed-bits run and
     a bits/param run of the same seed; an arm whose files reach the same quality with 0.8× the

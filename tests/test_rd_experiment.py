@@ -79,3 +79,33 @@ def test_quick_run_writes_every_rd_point(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=3600,
     )
     assert proc.returncode != 0 and "other settings (steps)" in proc.stderr
+
+
+def _reuse_main(out, capsys) -> tuple[int, str]:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import rd_experiment
+
+    code = rd_experiment.main(["--quick", "--out", str(out), "--reuse"])
+    return code, capsys.readouterr().err
+
+
+def test_reuse_without_an_earlier_run_fails_before_any_work(tmp_path, capsys):
+    code, err = _reuse_main(tmp_path / "none", capsys)
+    assert code == 2 and "does not exist (run without --reuse first)" in err
+    assert not (tmp_path / "none").exists()  # nothing pretrained or written
+
+
+@pytest.mark.parametrize("record", ["{not json", "[]", '{"adapter": {}}', '{"settings": 3, "adapter": {}}',
+                                    '{"settings": {}, "adapter": {"method": "LoRA"}}'])
+def test_reuse_of_a_damaged_grid_record_names_it(tmp_path, capsys, record):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import rd_experiment
+
+    st = rd_experiment.quick_settings(0)
+    out = tmp_path / "rd"
+    (out / "grid").mkdir(parents=True)
+    for rank in st.ranks:
+        for m in METHODS:
+            (out / "grid" / f"{m}-r{rank}.json").write_text(record)
+    code, err = _reuse_main(out, capsys)
+    assert code == 2 and f"{out / 'grid' / 'LoRA-r2.json'}" in err and "is not a grid record" in err
